@@ -1,0 +1,33 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from nbmodule import load_notebook, notebook_parameters  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def nb():
+    return load_notebook()
+
+
+@pytest.fixture
+def settings(nb, tmp_path):
+    """Settings for tiny CPU runs, all outputs under tmp_path; override with settings(**{"EPOCHS": "2"})."""
+    def make(**overrides):
+        env = {"PROFILE": "smoke", "DEVICE": "cpu", "WIDTH": "4", "BATCH_SIZE": "16", "N_TRAIN": "64",
+               "RESULTS_DIR": str(tmp_path / "results"), "CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+               "FIGURES_DIR": str(tmp_path / "figures"), "TRACK_EVERY": "0", "SAMPLE_EVERY": "0",
+               "DFC_NETWORK": "cnn", **{k: str(v) for k, v in overrides.items()}}
+        return nb.resolve_settings(notebook_parameters(), env, cuda_available=False)
+    return make
+
+
+@pytest.fixture
+def tiny_data(nb):
+    x, y = nb.synthetic_images(64, 0)
+    tx, ty = nb.synthetic_images(32, 1)
+    t = torch.from_numpy
+    return nb.Dataset("synthetic", t(x), t(y), t(tx), t(ty), key="tiny")

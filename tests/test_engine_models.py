@@ -1,0 +1,191 @@
+"""The training engine (checkpoints, resume, determinism) and every model's surface."""
+import pickle
+
+import pytest
+import torch
+
+GAN_LOSS_KEYS = {"loss_d", "d_real", "d_fake"}
+
+
+def history_losses(history):
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in history]
+
+
+def train(nb, S, data, name, epochs):
+    model = nb.build_model(name, S, data)
+    return model, nb.fit(model, data.train_x, S, name, epochs)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(nb, settings, tiny_data, tmp_path):
+    full = settings(RESULTS_DIR=tmp_path / "a", CHECKPOINT_DIR=tmp_path / "ca")
+    _, uninterrupted = train(nb, full, tiny_data, "dcgan", 3)
+    split = settings(RESULTS_DIR=tmp_path / "b", CHECKPOINT_DIR=tmp_path / "cb")
+    train(nb, split, tiny_data, "dcgan", 1)                  # "killed" after epoch 1
+    torch.manual_seed(1234)                                   # whatever the RNG did meanwhile
+    resumed_model, resumed = train(nb, split, tiny_data, "dcgan", 3)
+    assert history_losses(resumed) == history_losses(uninterrupted)
+    assert (tmp_path / "b" / "dcgan" / "history.csv").read_text().count("\n") == 4  # header + 3 epochs
+
+
+def test_finished_model_is_not_retrained(nb, settings, tiny_data):
+    S = settings()
+    model, history = train(nb, S, tiny_data, "conv_vae", 2)
+    again = nb.build_model("conv_vae", S, tiny_data)
+    assert nb.fit(again, tiny_data.train_x, S, "conv_vae", 2) == history
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_same_history_on_cpu(nb, settings, tiny_data, tmp_path):
+    runs = [history_losses(train(nb, settings(CHECKPOINT_DIR=tmp_path / f"c{i}"), tiny_data, "wgan_gp", 2)[1])
+            for i in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_checkpoint_round_trip(nb, settings, tiny_data, tmp_path):
+    S = settings()
+    model = nb.build_model("dcgan", S, tiny_data)
+    model.train_step(tiny_data.train_x[:16])  # optimizer state exists
+    nb.save_checkpoint(tmp_path / "x.pt", model, 5, [{"epoch": 5, "loss": 1.5}])
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically, no temporary left
+    fresh = nb.build_model("dcgan", settings(SEED=9), tiny_data)
+    epoch, history = nb.load_checkpoint(tmp_path / "x.pt", fresh)
+    assert (epoch, history) == (5, [{"epoch": 5, "loss": 1.5}])
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh.optimizers["g"].state_dict()["state"].keys() == model.optimizers["g"].state_dict()["state"].keys()
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused(nb, settings, tiny_data, tmp_path):
+    model = nb.build_model("dcgan", settings(), tiny_data)
+    torch.save({"model": model.state_dict(), "optimizers": {}, "epoch": 1, "history": [], "evil": Payload()},
+               tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        nb.load_checkpoint(tmp_path / "evil.pt", model)
+
+
+@pytest.mark.parametrize("name", ["conv_vae", "fc_vae", "resnet_vae", "dfc_vae", "vqvae", "dcgan", "dcgan_deep",
+                                  "wgan_gp", "sn_wgan_gp", "sn_dcgan", "mlp_gan", "mlp_vae"])
+def test_every_model_trains_one_step_and_samples(nb, settings, tiny_data, name):
+    S = settings(EPOCHS=1)
+    if name == "dfc_vae":  # a tiny untrained feature network instead of training one
+        nb.DFC_NETWORKS[(S, tiny_data.key)] = (nb.FeatureCNN(3, 10, w=4).requires_grad_(False), "test CNN")
+    model = nb.build_model(name, S, tiny_data)
+    model.train()
+    model.start_epoch(0, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = model.train_step(tiny_data.train_x[:16])
+    assert out and all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # an optimisation step happened
+    if model.kind == "gan":
+        assert GAN_LOSS_KEYS <= set(out)
+    if name == "vqvae":
+        model.after_fit(tiny_data.train_x, S, name)  # trains the PixelCNN prior (1 epoch)
+    images = model.sample(5)
+    assert images.shape == (5, 3, 32, 32) and images.dtype == torch.uint8
+    if model.kind == "vae":
+        assert model.reconstruct(tiny_data.test_x[:4]).shape == (4, 3, 32, 32)
+        assert model.encode(tiny_data.test_x[:4]).shape[0] == 4
+
+
+def test_vae_loss_falls_on_a_fixed_batch(nb, settings, tiny_data):
+    model = nb.build_model("conv_vae", settings(WIDTH=8), tiny_data)
+    model.train()
+    batch = tiny_data.train_x[:16]
+    losses = [float(model.train_step(batch)["loss"].detach()) for _ in range(40)]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_kl_warmup_ramps_beta(nb, settings, tiny_data):
+    model = nb.build_model("conv_vae", settings(BETA=2, KL_WARMUP=3), tiny_data)
+    betas = []
+    for epoch in range(5):
+        model.start_epoch(epoch, 5)
+        betas.append(model.beta_now())
+    assert betas == [0.5, 1.0, 1.5, 2.0, 2.0]
+
+
+def test_gradient_penalty_of_a_linear_critic(nb):
+    w = torch.tensor([3.0, 4.0]).view(1, 2, 1, 1)  # critic(x) = <w, x>: gradient w everywhere, norm 5
+    critic = lambda x: (x * w).flatten(1).sum(1)
+    real, fake = torch.randn(8, 2, 1, 1), torch.randn(8, 2, 1, 1)
+    assert nb.gradient_penalty(critic, real, fake).item() == pytest.approx((5 - 1) ** 2)
+
+
+def test_gan_updates_generator_every_n_critic_steps(nb, settings, tiny_data):
+    model = nb.build_model("wgan_gp", settings(), tiny_data)
+    model.train()
+    model.start_epoch(0, 1)
+    steps = [("loss_g" in model.train_step(tiny_data.train_x[:8])) for _ in range(10)]
+    assert steps == [False, False, False, False, True] * 2
+    assert int(model.steps) == 10 and "gp" in model.train_step(tiny_data.train_x[:8])
+
+
+def test_gan_ema_generator_is_used_for_sampling(nb, settings, tiny_data):
+    model = nb.build_model("dcgan", settings(GAN_EMA=0.5), tiny_data)
+    model.train()
+    for _ in range(3):
+        model.train_step(tiny_data.train_x[:8])
+    raw, ema = list(model.generator.parameters())[0], list(model.g_ema.parameters())[0]
+    assert not torch.equal(raw, ema)
+    z = torch.randn(2, 100)
+    model.eval()
+    assert torch.allclose(model.decode_latent(z), model.g_ema(z))
+
+
+def test_spectral_norm_bounds_the_largest_singular_value(nb):
+    d = nb.dcgan_discriminator(3, 8, norm="sn")
+    d.train()
+    for _ in range(30):  # power iterations happen on forward passes in train mode
+        d(torch.randn(4, 3, 32, 32))
+    d.eval()
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4
+    for conv in convs:
+        sigma = torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2)
+        assert sigma.item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_ema_codebook_moves_codes_towards_assigned_vectors(nb):
+    vq = nb.VectorQuantizerEMA(codes=4, dim=2, decay=0.5, restart_below=0.0)
+    vq.embedding.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0], [10.0, -10.0]]))
+    vq.embed_sum.copy_(vq.embedding)
+    vq.train()
+    target = torch.tensor([1.0, 1.0])
+    z = target.view(1, 2, 1, 1).expand(6, 2, 1, 1) + 0.01 * torch.randn(6, 2, 1, 1)
+    _, idx, _, perplexity = vq(z)
+    assert (idx == 0).all() and perplexity.item() == pytest.approx(1.0)
+    assert vq.cluster_size[0] > vq.cluster_size[1:].max()          # usage counts follow assignments
+    distance = (vq.embedding[0] - target).norm()
+    assert 0 < distance < target.norm()                              # code 0 moved towards its vectors
+    for _ in range(20):
+        vq(z)
+    assert (vq.embedding[0] - target).norm() < 0.05
+
+
+def test_dead_codes_are_restarted(nb):
+    vq = nb.VectorQuantizerEMA(codes=8, dim=2, decay=0.5, restart_below=0.5)
+    vq.train()
+    z = torch.randn(32, 2, 1, 1)
+    for _ in range(5):
+        vq(z)
+    assert (vq.cluster_size >= 0.5).all()  # no code stays below the restart threshold
+
+
+def test_pixelcnn_is_causal(nb):
+    prior = nb.CodePrior(codes=16, channels=8, layers=3).eval()
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (1, 8, 8))
+    base = prior.logits(codes)
+    for i, j in [(0, 0), (3, 4), (7, 7)]:
+        later = codes.clone().view(-1)
+        later[i * 8 + j:] = torch.randint(0, 16, (64 - i * 8 - j,))   # change this position and all after it
+        assert torch.allclose(prior.logits(later.view(1, 8, 8))[:, :, i, j], base[:, :, i, j])
+    earlier = codes.clone()
+    earlier[0, 3, 3] = (earlier[0, 3, 3] + 1) % 16
+    assert not torch.allclose(prior.logits(earlier)[:, :, 3, 4], base[:, :, 3, 4])  # it does see the past

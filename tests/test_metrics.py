@@ -1,0 +1,92 @@
+"""Metric math on constructed inputs with known answers (no Inception network needed)."""
+import numpy as np
+import pytest
+import torch
+
+
+def random_psd(rng, d):
+    a = rng.standard_normal((d, 2 * d))
+    return a @ a.T / (2 * d)
+
+
+def test_frechet_distance_closed_form_for_diagonal_gaussians(nb):
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])   # variances
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    assert nb.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_equals_pytorch_fid(nb):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(0)
+    mu1, mu2, s1, s2 = rng.standard_normal(64), rng.standard_normal(64), random_psd(rng, 64), random_psd(rng, 64)
+    assert nb.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2),
+                                                                  rel=1e-6)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift(nb):
+    feats = np.random.default_rng(1).standard_normal((500, 16))
+    assert abs(nb.fid_from_features(feats, feats)) < 1e-8
+    assert nb.fid_from_features(feats, feats + 0.5) == pytest.approx(16 * 0.25, rel=1e-6)
+
+
+def test_inception_score_extremes(nb):
+    assert nb.inception_score_from_logits(np.zeros((100, 10)), splits=10) == pytest.approx((1.0, 0.0))
+    confident = np.full((1000, 10), -1e4)
+    confident[np.arange(1000), np.arange(1000) % 10] = 0       # one-hot, every class equally often
+    mean, std = nb.inception_score_from_logits(confident, splits=10)
+    assert mean == pytest.approx(10.0, rel=1e-6) and std < 1e-6
+
+
+def test_kid_is_unbiased_and_detects_shift(nb):
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((400, 32)), rng.standard_normal((400, 32))
+    same, _ = nb.kid_from_features(a, b, subsets=50, subset_size=200)
+    shifted, _ = nb.kid_from_features(a, b + 1.0, subsets=50, subset_size=200)
+    assert abs(same) < 0.01 < shifted
+
+
+def test_precision_recall_on_constructed_clouds(nb):
+    rng = np.random.default_rng(3)
+    real = rng.standard_normal((300, 8))
+    assert nb.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert nb.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # two far-apart real modes; fakes cover one of them: all plausible (precision 1), half the data (recall ½)
+    two_modes = np.concatenate([real[:150], real[150:] + 100.0])
+    assert nb.precision_recall(two_modes, real[:150].copy()) == (1.0, 0.5)
+
+
+def test_density_and_coverage(nb):
+    rng = np.random.default_rng(4)
+    real = rng.standard_normal((300, 8))
+    density, coverage = nb.density_coverage(real, real.copy())
+    assert coverage == 1.0 and density >= 1.0
+    assert nb.density_coverage(real, real + 100.0) == (0.0, 0.0)
+
+
+def test_linear_probe_on_separable_latents(nb):
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 400)
+    z = rng.standard_normal((400, 10)) * 0.1 + np.eye(10)[y] * 3
+    accuracy, _ = nb.fit_linear_probe(z[:300], y[:300], z[300:], y[300:])
+    assert accuracy > 0.98
+
+
+def test_class_coverage(nb):
+    hist, covered, kl = nb.class_coverage(np.array([0] * 99 + [1]), classes=10)
+    assert covered == 2 and hist[0] == pytest.approx(0.99)
+    assert kl == pytest.approx(0.99 * np.log(9.9) + 0.01 * np.log(0.1))
+    assert nb.class_coverage(np.arange(1000) % 10, classes=10)[2] == pytest.approx(0.0)
+
+
+def test_active_units_and_psnr(nb):
+    mu = np.zeros((100, 5))
+    mu[:, 0] = np.random.default_rng(6).standard_normal(100)
+    assert nb.active_units(mu) == 1
+    assert nb.psnr(0.01) == pytest.approx(20.0)
+
+
+def test_diversity_zero_for_identical_samples(nb):
+    same = np.ones((50, 4))
+    assert nb.mean_pairwise_distance(same) == 0.0
+    assert nb.mean_pairwise_distance(np.random.default_rng(7).standard_normal((50, 4))) > 1.0
