@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ./reproduce.sh        set up .venv, then execute notebook.ipynb headless → results/notebook.executed.ipynb
 # ./reproduce.sh test   set up .venv, then run the test suite
+# ./reproduce.sh bench  set up .venv, then print the Inception feature-extraction speed on this device
 # Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,6 +32,9 @@ case "${1:-run}" in
     shift || true
     exec "$PY" -m pytest tests "$@"
     ;;
+  bench)
+    exec "$PY" tests/benchmark_inception.py "${@:2}"
+    ;;
   run)
     "$PY" tests/nbmodule.py --check-settings || { echo "[reproduce] fix the setting(s) above and rerun"; exit 2; }
     results=${RESULTS_DIR:-results}
@@ -42,7 +46,7 @@ case "${1:-run}" in
     echo "[reproduce] done: see $results/comparison.md and $results/metrics.md"
     ;;
   *)
-    echo "usage: ./reproduce.sh [test [pytest args]]" >&2
+    echo "usage: ./reproduce.sh [test [pytest args] | bench [N]]" >&2
     exit 2
     ;;
 esac
