@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ./reproduce.sh        set up .venv, then execute notebook.ipynb headless → results/notebook.executed.ipynb
+# ./reproduce.sh        set up .venv, check, then execute notebook.ipynb headless → results/notebook.executed.ipynb
 # ./reproduce.sh test   set up .venv, then run the test suite
 # ./reproduce.sh bench  set up .venv, then print the Inception feature-extraction speed on this device
 # Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
@@ -36,14 +36,10 @@ case "${1:-run}" in
     exec "$PY" tests/benchmark_inception.py "${@:2}"
     ;;
   run)
-    "$PY" tests/nbmodule.py --check-settings || { echo "[reproduce] fix the setting(s) above and rerun"; exit 2; }
-    results=${RESULTS_DIR:-results}
-    mkdir -p "$results"
-    echo "[reproduce] executing notebook.ipynb → $results/notebook.executed.ipynb"
-    "$PY" -m jupyter nbconvert --to notebook --execute notebook.ipynb \
-      --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.kernel_name=python3 \
-      --output-dir "$results" --output notebook.executed.ipynb
-    echo "[reproduce] done: see $results/comparison.md and $results/metrics.md"
+    # checks first (settings, folders, another run, data, checkpoints): one line per problem, exit 2
+    "$PY" tests/nbmodule.py --preflight || exit 2
+    # then the notebook, its output streamed live; the kernel exits with this process
+    exec "$PY" tests/nbmodule.py --run
     ;;
   *)
     echo "usage: ./reproduce.sh [test [pytest args] | bench [N]]" >&2
