@@ -30,4 +30,4 @@ def tiny_data(nb):
     x, y = nb.synthetic_images(64, 0)
     tx, ty = nb.synthetic_images(32, 1)
     t = torch.from_numpy
-    return nb.Dataset("synthetic", t(x), t(y), t(tx), t(ty), key="tiny")
+    return nb.Dataset("synthetic", t(x), t(y), t(tx), t(ty), key="tiny", classes=nb.synthetic_class_names())

@@ -10,6 +10,7 @@
 Each export cell is compiled under its own name, `notebook.ipynb:cell 12 (def resolve_settings)`, so a
 traceback says which cell broke.
 """
+import linecache
 import os
 import signal
 import sys
@@ -39,7 +40,9 @@ def load_notebook(path=NOTEBOOK):
     sys.modules["notebook_exports"] = module  # dataclasses look their module up here
     for index, cell in enumerate(_cells(path)):
         if cell.cell_type == "code" and cell.source.lstrip().startswith("#| export"):
-            exec(compile(cell.source, cell_name(path, index, cell.source), "exec"), module.__dict__)
+            name = cell_name(path, index, cell.source)
+            linecache.cache[name] = (len(cell.source), None, cell.source.splitlines(True), name)  # for tracebacks
+            exec(compile(cell.source, name, "exec"), module.__dict__)
     return module
 
 

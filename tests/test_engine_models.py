@@ -4,6 +4,8 @@ import pickle
 import pytest
 import torch
 
+from nbmodule import load_notebook
+
 GAN_LOSS_KEYS = {"loss_d", "d_real", "d_fake"}
 
 
@@ -61,36 +63,157 @@ class Payload:
         return (print, ("code ran",))
 
 
-def test_checkpoint_with_arbitrary_objects_is_refused(nb, settings, tiny_data, tmp_path):
+def test_checkpoint_with_arbitrary_objects_is_refused_with_the_fix(nb, settings, tiny_data, tmp_path):
     model = nb.build_model("dcgan", settings(), tiny_data)
     torch.save({"model": model.state_dict(), "optimizers": {}, "epoch": 1, "history": [], "evil": Payload()},
                tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(nb.UserError) as err:
         nb.load_checkpoint(tmp_path / "evil.pt", model)
+    message = str(err.value)
+    assert "evil.pt" in message and "delete it" in message and "weights_only=False" not in message
+    assert "\n" not in message
 
 
-@pytest.mark.parametrize("name", ["conv_vae", "fc_vae", "resnet_vae", "dfc_vae", "vqvae", "dcgan", "dcgan_deep",
-                                  "wgan_gp", "sn_wgan_gp", "sn_dcgan", "mlp_gan", "mlp_vae"])
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, "truncated"])
+def test_corrupt_checkpoint_is_one_line_naming_the_file(nb, settings, tiny_data, tmp_path, content):
+    model = nb.build_model("dcgan", settings(), tiny_data)
+    path = tmp_path / "last.pt"
+    if content == "truncated":
+        nb.save_checkpoint(path, model, 1, [])
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(nb.UserError, match=r"checkpoint .*last.pt .*delete it to retrain") as err:
+        nb.load_checkpoint(path, model)
+    assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
+
+
+def run_stages(nb, model, data, S, name, before):
+    for stage in model.stages:
+        if stage.before == before:
+            stage.run(model, data, S, f"{name}_{stage.suffix}", {})
+
+
+MODEL_NAMES = list(load_notebook().MODEL_REGISTRY)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_trains_one_step_and_samples(nb, settings, tiny_data, name):
     S = settings(EPOCHS=1)
-    if name == "dfc_vae":  # a tiny untrained feature network instead of training one
-        nb.DFC_NETWORKS[(S, tiny_data.key)] = (nb.FeatureCNN(3, 10, w=4).requires_grad_(False), "test CNN")
     model = nb.build_model(name, S, tiny_data)
+    run_stages(nb, model, tiny_data, S, name, before=True)   # DFC-VAE: its feature CNN (1 epoch)
     model.train()
     model.start_epoch(0, 1)
     before = [p.detach().clone() for p in model.parameters()]
     out = model.train_step(tiny_data.train_x[:16])
     assert out and all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # an optimisation step happened
-    if model.kind == "gan":
+    if isinstance(model, nb.GAN):
         assert GAN_LOSS_KEYS <= set(out)
-    if name == "vqvae":
-        model.after_fit(tiny_data.train_x, S, name)  # trains the PixelCNN prior (1 epoch)
+    run_stages(nb, model, tiny_data, S, name, before=False)  # VQ-VAE: its PixelCNN prior (1 epoch)
+    assert model.can("sample")
     images = model.sample(5)
     assert images.shape == (5, 3, 32, 32) and images.dtype == torch.uint8
-    if model.kind == "vae":
+    if model.can("reconstruct"):
         assert model.reconstruct(tiny_data.test_x[:4]).shape == (4, 3, 32, 32)
+    if model.can("encode"):
         assert model.encode(tiny_data.test_x[:4]).shape[0] == 4
+
+
+def test_building_a_model_trains_nothing(nb, settings, tiny_data, tmp_path, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("building a model must not train")
+    monkeypatch.setattr(nb, "fit", no_training)
+    S = settings()
+    for name in MODEL_NAMES:
+        nb.build_model(name, S, tiny_data)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_capabilities_are_declared_not_kinds(nb, settings, tiny_data):
+    S = settings()
+    vae, gan, vq = (nb.build_model(n, S, tiny_data) for n in ("conv_vae", "dcgan", "vqvae"))
+    assert all(vae.can(c) for c in ("sample", "interpolation", "reconstruct", "encode", "latents", "elbo_terms"))
+    assert gan.can("sample") and gan.can("interpolation") and not gan.can("reconstruct") and not gan.can("encode")
+    assert vq.can("reconstruct") and vq.can("encode") and not vq.can("latents") and not vq.can("interpolation")
+    assert not vq.can("sample")  # until its prior stage ran
+    assert not any(hasattr(m, "kind") for m in (vae, gan, vq))
+
+
+def test_stamp_records_exactly_the_settings_a_builder_read(nb, settings, tiny_data):
+    S = settings(BETA=2)
+    assert {"width", "beta", "kl_warmup"} <= set(nb.build_model("conv_vae", S, tiny_data).shaped_by)
+    gan = nb.build_model("dcgan", S, tiny_data).shaped_by
+    assert "beta" not in gan and {"width", "gan_ema"} <= set(gan)
+
+
+def test_resume_with_other_settings_stops_with_one_line(nb, settings, tiny_data, tmp_path):
+    nb.train_model("conv_vae", settings(EPOCHS=1), tiny_data)
+    with pytest.raises(nb.UserError) as err:
+        nb.train_model("conv_vae", settings(EPOCHS=2, BETA=4), tiny_data)
+    message = str(err.value)
+    assert "CHECKPOINT_DIR" in message and "beta 1.0 → 4.0" in message and "\n" not in message
+    with pytest.raises(nb.UserError, match="seed"):
+        nb.train_model("conv_vae", settings(EPOCHS=2, SEED=7), tiny_data)
+    # the preflight sees the same mismatch without loading any data
+    assert any("beta" in e for e in nb.checkpoint_errors(settings(BETA=4), ["conv_vae"]))
+    assert nb.checkpoint_errors(settings(), ["conv_vae"]) == []
+    nb.train_model("dcgan", settings(EPOCHS=1), tiny_data)   # a GAN's stamp has no β: changing it does not matter
+    assert nb.train_model("dcgan", settings(EPOCHS=1, BETA=4), tiny_data).history
+
+
+def test_other_data_stops_resume(nb, settings, tiny_data):
+    nb.train_model("dcgan", settings(EPOCHS=1), tiny_data)
+    other = nb.Dataset("synthetic", tiny_data.train_x.flip(0), tiny_data.train_y, tiny_data.test_x,
+                       tiny_data.test_y, key="other", classes=tiny_data.classes)
+    with pytest.raises(nb.UserError, match="key"):
+        nb.train_model("dcgan", settings(EPOCHS=2), other)
+
+
+def test_fewer_epochs_than_the_checkpoint_holds_is_an_error(nb, settings, tiny_data):
+    nb.train_model("dcgan", settings(EPOCHS=2), tiny_data)
+    with pytest.raises(nb.UserError, match="holds 2 epochs but this run asks for 1"):
+        nb.train_model("dcgan", settings(EPOCHS=1), tiny_data)
+
+
+def test_batch_larger_than_the_data_is_an_error_not_a_result(nb, settings, tiny_data):
+    with pytest.raises(nb.UserError, match="BATCH_SIZE=100 is larger than the 64 training images"):
+        nb.train_model("dcgan", settings(BATCH_SIZE=100, N_TRAIN=1000), tiny_data)
+
+
+def test_train_model_runs_stages_and_writes_final_weights(nb, settings, tiny_data, tmp_path):
+    run = nb.train_model("vqvae", settings(EPOCHS=1), tiny_data)
+    assert run.model.can("sample") and not run.diverged and len(run.history) == 1
+    assert (tmp_path / "checkpoints" / "vqvae_prior" / "last.pt").exists()
+    weights = torch.load(tmp_path / "checkpoints" / "vqvae.pth", weights_only=True)
+    assert any(k.startswith("prior.") for k in weights)
+    assert '"model": "vqvae"' in (tmp_path / "checkpoints" / "vqvae.json").read_text()
+
+
+class Unstable(load_notebook().GenerativeModel):
+    """Loss finite in epoch 1, NaN from epoch 2 on."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.optimizers = {"w": torch.optim.SGD([self.w], lr=0.1)}
+
+    def train_step(self, x):
+        loss = (self.w - 1).pow(2).sum() + (float("nan") if self.epoch >= 1 else 0.0)
+        self.optimize("w", loss)
+        return {"loss": loss}
+
+    def sample(self, n, **kw):
+        return torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+
+
+def test_a_diverging_model_stops_keeps_its_last_good_checkpoint_and_is_marked(nb, settings, tiny_data, monkeypatch):
+    monkeypatch.setitem(nb.MODEL_REGISTRY, "unstable", nb.ModelSpec("unstable", lambda S, d: Unstable(),
+                                                                    {"smoke": 3}, "image", "test"))
+    run = nb.train_model("unstable", settings(EPOCHS=3), tiny_data)
+    assert "diverged in epoch 2" in run.diverged and "loss=nan" in run.diverged
+    assert len(run.history) == 1 and torch.isfinite(run.model.w).all()  # the epoch-1 weights are back
+    assert nb.train_model("dcgan", settings(EPOCHS=1), tiny_data).history  # the next model still trains
 
 
 def test_vae_loss_falls_on_a_fixed_batch(nb, settings, tiny_data):

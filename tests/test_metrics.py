@@ -90,3 +90,31 @@ def test_diversity_zero_for_identical_samples(nb):
     same = np.ones((50, 4))
     assert nb.mean_pairwise_distance(same) == 0.0
     assert nb.mean_pairwise_distance(np.random.default_rng(7).standard_normal((50, 4))) > 1.0
+
+
+@pytest.mark.parametrize("metric, n, needs", [
+    (lambda nb, a, b: nb.fid_from_features(a, b), 1, "FID (needs ≥ 2)"),
+    (lambda nb, a, b: nb.kid_from_features(a, b), 3, "KID (needs ≥ 4)"),
+    (lambda nb, a, b: nb.precision_recall(a, b), 3, "precision/recall (k=3) (needs ≥ 4)"),
+    (lambda nb, a, b: nb.density_coverage(b, a), 5, "density/coverage (k=5) (needs ≥ 6)"),
+])
+def test_too_few_samples_is_unavailable_not_a_crash(nb, metric, n, needs):
+    small, enough = np.random.default_rng(8).standard_normal((n, 4)), np.random.default_rng(9).standard_normal((5, 4))
+    with pytest.raises(nb.Unavailable, match=f"N={n} too small for {needs.replace('(', '.').replace(')', '.')}"):
+        metric(nb, small, enough)
+
+
+def test_non_finite_features_and_one_class_are_unavailable(nb):
+    feats = np.random.default_rng(10).standard_normal((20, 4))
+    bad = feats.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(nb.Unavailable, match="non-finite"):
+        nb.fit_linear_probe(bad, np.arange(20) % 2, feats, np.arange(20) % 2)
+    with pytest.raises(nb.Unavailable, match="one class"):
+        nb.fit_linear_probe(feats, np.zeros(20), feats, np.zeros(20))
+
+
+def test_an_unavailable_value_becomes_an_honest_row(nb):
+    row = nb.metric_row("m", "fid", nb.attempt(lambda: nb.fid_from_features(np.zeros((1, 3)), np.zeros((5, 3)))),
+                        n=1, note="k=3")
+    assert row["value"] is None and row["note"].startswith("unavailable: N=1 too small for FID") and "k=3" in row["note"]

@@ -1,35 +1,42 @@
-"""The whole notebook, PROFILE=smoke, every model, into a temporary folder — then once more, which must
-reuse the checkpoints instead of retraining."""
+"""The whole notebook through the command reproduce.sh runs (preflight, then nbconvert with live output),
+PROFILE=smoke, every model, in a temporary folder — then once more, which must reuse every checkpoint and
+evaluation; then the run's failure paths, each of which must end in one line and exit code 2."""
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-import nbformat
 import pytest
 import torch
-from nbclient import NotebookClient
 from PIL import Image
 
 from nbmodule import NOTEBOOK, load_notebook
 
-METRICS_COLUMNS = ["model", "metric", "value", "spread", "n_samples", "reference", "note", "profile", "device", "dataset"]
+NBMODULE = str(Path(__file__).parent / "nbmodule.py")
+SMOKE = {"PROFILE": "smoke", "MODELS": "all", "DEVICE": "cpu", "DFC_NETWORK": "cnn"}
 
 
-def execute(tmp_path, monkeypatch):
-    for key, value in {"PROFILE": "smoke", "MODELS": "all", "DEVICE": "cpu", "DFC_NETWORK": "cnn"}.items():
-        monkeypatch.setenv(key, value)
-    nb = nbformat.read(str(NOTEBOOK), as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    return "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+def reproduce(cwd, **env):
+    """What `./reproduce.sh` runs: the preflight, then the notebook. Returns (exit code, stdout, stderr)."""
+    import os
+    full = {**os.environ, **SMOKE, **env}
+    pre = subprocess.run([sys.executable, NBMODULE, "--preflight"], cwd=cwd, env=full, capture_output=True, text=True)
+    if pre.returncode:
+        return pre.returncode, pre.stdout, pre.stderr
+    out = subprocess.run([sys.executable, NBMODULE, "--run"], cwd=cwd, env=full, capture_output=True, text=True)
+    return out.returncode, out.stdout, out.stderr
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("e2e")
-    with pytest.MonkeyPatch.context() as mp:
-        first = execute(tmp_path, mp)
-        history = (tmp_path / "results" / "dcgan" / "history.csv").read_text()
-        second = execute(tmp_path, mp)
-    return tmp_path, first, second, history
+    first = reproduce(tmp_path)
+    assert first[0] == 0, first[2][-3000:]
+    history = (tmp_path / "results" / "dcgan" / "history.csv").read_text()
+    second = reproduce(tmp_path)
+    assert second[0] == 0, second[2][-3000:]
+    return tmp_path, first[1], second[1], history
 
 
 def read_csv(path):
@@ -51,8 +58,8 @@ def test_promised_results_exist_and_are_well_formed(run):
     width, height = png_size(results / "vae_recons.png")
     assert width == 8 * 34 + 2 and height == 4 * 34 + 2                       # originals / reconstructions ×2
     probe = read_csv(results / "linear_probe.csv")
-    assert list(probe[0]) == ["model", "accuracy", "features", "n_train", "n_test"]
-    assert probe[0]["model"].startswith("raw pixels") and {"conv_vae", "vqvae"} <= {r["model"] for r in probe}
+    assert list(probe[0]) == ["model", "accuracy", "n_test", "note"]
+    assert {"raw pixels", "conv_vae", "vqvae"} <= {r["model"] for r in probe}
     assert all(0 <= float(r["accuracy"]) <= 1 for r in probe)
     fid_rows = [line.split("\t") for line in (results / "fid.txt").read_text().splitlines() if not line.startswith("#")]
     fids = {(r[0], r[1]): r for r in fid_rows}
@@ -63,25 +70,26 @@ def test_promised_results_exist_and_are_well_formed(run):
         state = torch.load(root / "checkpoints" / name, weights_only=True)
         assert state and all(torch.is_tensor(v) for v in state.values())
     for name in ("conv_vae_curves.png", "dcgan_curves.png", "conv_vae_interpolation.png", "samples_overview.png",
-                 "class_histograms.png", "precision_recall.png", "gan_tracking.png"):
+                 "class_histograms.png", "precision_recall.png", "training_tracking.png"):
         png_size(root / "figures" / name)
+    assert (results / "notebook.executed.ipynb").exists() and "training dcgan" in (results / "run.log").read_text()
 
 
 def test_metrics_cover_every_model(run):
     results = run[0] / "results"
     rows = read_csv(results / "metrics.csv")
-    assert list(rows[0]) == METRICS_COLUMNS
+    assert list(rows[0]) == load_notebook().METRIC_COLUMNS
     models = set(load_notebook().MODEL_REGISTRY)
     by_model = {}
     for r in rows:
         by_model.setdefault(r["model"], {})[r["metric"]] = r
-    assert models | {"real data"} == set(by_model)
+    assert models | {"real data", "raw pixels"} == set(by_model)
     for name in models:
         m = by_model[name]
         for metric in ("fid", "kid", "is", "precision", "recall", "f1", "density", "coverage", "classes_covered",
                        "class_kl_uniform", "diversity", "parameters", "train_seconds", "images_per_s"):
             assert metric in m, (name, metric)
-        assert m["fid"]["n_samples"] == "16" and m["fid"]["profile"] == "smoke"
+        assert m["fid"]["n_samples"] == "16" and m["fid"]["profile"] == "smoke" and m["fid"]["seed"] == "42"
         assert m["is"]["value"] != "" or "unavailable" in m["is"]["note"]
         assert len(json.loads(m["class_histogram"]["value"])) == 10
         (results / name / "samples.png").stat()
@@ -98,17 +106,39 @@ def test_metrics_cover_every_model(run):
     assert "| model | metric |" in (results / "metrics.md").read_text()
 
 
-def test_gan_tracking_and_vqvae_stats_in_history(run):
+def test_histories_carry_tracking_seed_and_stage_histories(run):
     results = run[0] / "results"
     dcgan = read_csv(results / "dcgan" / "history.csv")
     assert len(dcgan) == 2 and dcgan[-1]["track_kid"] != "" and float(dcgan[-1]["images_per_s"]) > 0
+    assert {r["seed"] for r in dcgan} == {"42"}
     vq = read_csv(results / "vqvae" / "history.csv")
     assert float(vq[-1]["perplexity"]) >= 1 and "codes_used" in vq[-1]
     assert (results / "vqvae_prior" / "history.csv").exists()
 
 
-def test_rerun_resumes_instead_of_retraining(run):
+def test_live_progress_and_rerun_reuses_everything(run):
     root, first, second, history = run
-    assert "not retraining" not in first
+    assert "not retraining" not in first and "[1/12] training conv_vae" in first and "ETA" in first
     assert second.count("not retraining") >= len(load_notebook().MODEL_REGISTRY)
+    assert second.count("evaluation reused") == len(load_notebook().MODEL_REGISTRY)
     assert (root / "results" / "dcgan" / "history.csv").read_text() == history
+
+
+def test_changed_setting_against_old_checkpoints_stops_in_the_preflight(run):
+    code, _, err = reproduce(run[0], WIDTH="16")
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and lines
+    assert all(line.startswith("error: CHECKPOINT_DIR:") and "width 8 → 16" in line for line in lines)
+
+
+def test_poisoned_checkpoint_ends_in_one_line_without_a_traceback(run, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+    (tmp_path / "checkpoints" / "dcgan").mkdir(parents=True)
+    torch.save({"evil": Payload()}, tmp_path / "checkpoints" / "dcgan" / "last.pt")
+    code, out, err = reproduce(tmp_path, MODELS="dcgan")
+    assert code == 2 and "Traceback" not in err and "code ran" not in out
+    assert err.strip().splitlines()[-1].startswith("error: checkpoint checkpoints/dcgan/last.pt holds objects other "
+                                                   "than tensors")
+    assert "Traceback" in (tmp_path / "results" / "run.log").read_text()   # kept for whoever debugs
