@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ./reproduce.sh        set up .venv, check, then execute notebook.ipynb headless → results/notebook.executed.ipynb
 # ./reproduce.sh test   set up .venv, then run the test suite
-# ./reproduce.sh bench  set up .venv, then print the Inception feature-extraction speed on this device
+# ./reproduce.sh bench  set up .venv, then benchmark training (vs a plain loop), Inception and metrics on this device
 # Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,7 +33,7 @@ case "${1:-run}" in
     exec "$PY" -m pytest tests "$@"
     ;;
   bench)
-    exec "$PY" tests/benchmark_inception.py "${@:2}"
+    exec "$PY" tests/benchmark.py "${@:2}"
     ;;
   run)
     # checks first (settings, folders, another run, data, checkpoints): one line per problem, exit 2

@@ -1,0 +1,103 @@
+"""The GPU's numerics on the CPU: AMP=bf16 runs forward passes and losses under bf16 autocast, and no
+optimizer step ever runs inside an autocast region (its cached bf16 weights would go stale)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nbmodule import load_notebook, notebook_parameters
+
+
+def test_amp_resolves_per_device(nb):
+    resolve = lambda env, cuda: nb.resolve_settings(notebook_parameters(), env, cuda_available=cuda).amp
+    assert resolve({}, True) == "bf16" and resolve({}, False) == "off"
+    assert resolve({"AMP": "bf16", "DEVICE": "cpu"}, False) == "bf16" and resolve({"AMP": "off"}, True) == "off"
+    with pytest.raises(nb.SettingsError, match="AMP='fp8' is unknown"):
+        resolve({"AMP": "fp8"}, False)
+
+
+def first_conv_calls(model):
+    conv = next(m for m in model.discriminator.modules() if isinstance(m, torch.nn.Conv2d))
+    calls = []
+    conv.register_forward_hook(lambda m, inp, out: calls.append(
+        (inp[0].detach().clone(), out.detach().float(), m.weight.detach().clone(), m.bias.detach().clone())))
+    return conv, calls
+
+
+def test_generator_step_sees_the_updated_discriminator_under_bf16(nb, settings, tiny_data):
+    model = nb.build_model("dcgan", settings(AMP="bf16"), tiny_data)
+    assert model.amp
+    for group in model.optimizers["d"].param_groups:
+        group["lr"] = 0.2   # large updates, so stale weights would be far from current ones
+    conv, calls = first_conv_calls(model)
+    model.train()
+    model.start_epoch(0, 1)
+    model.train_step(tiny_data.train_x[:16])
+    assert len(calls) == 3   # D(real), D(fake) for D's step, D(fake) for G's step
+    x, out, weight, bias = calls[2]
+    old_weight, old_bias = calls[0][2], calls[0][3]
+    assert not torch.equal(weight, old_weight)   # D was updated in between
+
+    def conv_with(w, b):
+        return F.conv2d(x.bfloat16(), w.bfloat16(), b.bfloat16(), stride=conv.stride, padding=conv.padding).float()
+    current, stale = conv_with(weight, bias), conv_with(old_weight, old_bias)
+    scale = current.abs().max()
+    assert (out - current).abs().max() / scale < 0.02            # bf16 rounding only
+    assert (out - stale).abs().max() / scale > 0.1                # and clearly not the pre-update weights
+
+
+def test_an_optimizer_step_inside_autocast_is_refused(nb, settings, tiny_data):
+    model = nb.build_model("dcgan", settings(), tiny_data)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="inside an autocast region"):
+        model.train_step(tiny_data.train_x[:8])   # what the old engine did: one region around the whole step
+
+
+def test_vq_quantiser_searches_in_fp32_under_autocast(nb):
+    vq = nb.VectorQuantizerEMA(codes=64, dim=8).eval()
+    z = torch.randn(4, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, idx, _, _ = vq(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert q.dtype == torch.float32
+    assert torch.equal(idx.flatten(), torch.cdist(flat, vq.embedding).argmin(1))
+
+
+@pytest.mark.parametrize("name", list(load_notebook().MODEL_REGISTRY))
+def test_every_model_trains_under_bf16(nb, settings, tiny_data, name):
+    S = settings(AMP="bf16", EPOCHS=1)
+    run = nb.train_model(name, S, tiny_data)
+    assert len(run.history) == 1 and not run.diverged and run.model.can("sample")
+    assert run.model.sample(2).dtype == torch.uint8
+
+
+def test_compiled_step_matches_eager(nb, settings, tiny_data):
+    """COMPILE=on: torch.compile (inductor, on the CPU here) in place; the step equals the eager one."""
+    eager = nb.build_model("conv_vae", settings(), tiny_data)
+    compiled = nb.build_model("conv_vae", settings(COMPILE="on"), tiny_data)
+    assert compiled.compiled == ["encoder", "decoder"] and list(compiled.state_dict()) == list(eager.state_dict())
+    outs = []
+    for model in (eager, compiled):
+        model.train()
+        torch.manual_seed(0)
+        outs.append({k: float(v) for k, v in model.train_step(tiny_data.train_x[:16]).items()})
+    for key in outs[0]:
+        assert outs[1][key] == pytest.approx(outs[0][key], rel=1e-4), key
+    # gradients, not Adam's sign-like first step; biases feeding batch norm have true gradient 0 (noise only)
+    scale = max(p.grad.abs().max().item() for p in eager.parameters())
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_line(nb, settings, tiny_data, capsys):
+    S = settings(COMPILE="on")
+    model = nb.build_model("dcgan", S, tiny_data)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: no compiler for this GPU")
+    for name in model.compiled:
+        getattr(model, name)._compiled_call_impl = broken
+    history = nb.fit(model, tiny_data.train_x, S, "dcgan", 1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("COMPILE:")]
+    assert lines == ["COMPILE: torch.compile failed for dcgan (RuntimeError: inductor: no compiler for this GPU); "
+                     "running it eagerly"]
+    assert len(history) == 1 and model.compiled == []
