@@ -101,3 +101,17 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line(nb, settings, tiny_
     assert lines == ["COMPILE: torch.compile failed for dcgan (RuntimeError: inductor: no compiler for this GPU); "
                      "running it eagerly"]
     assert len(history) == 1 and model.compiled == []
+
+
+def test_fused_adam_steps_like_plain_adam(nb, settings, tiny_data):
+    """The CUDA path's fused optimizers (PyTorch has a fused CPU Adam too, so the path runs here)."""
+    plain, fused = (nb.build_model("dcgan", settings(), tiny_data) for _ in range(2))
+    fused.fuse_optimizers()
+    for model in (plain, fused):
+        model.train()
+        torch.manual_seed(0)
+        model.train_step(tiny_data.train_x[:16])
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    fused.plain_path()
+    assert all(g["fused"] is None for opt in fused.optimizers.values() for g in opt.param_groups)
