@@ -99,7 +99,7 @@ def run_notebook(results_dir, path=NOTEBOOK):
         raise KeyboardInterrupt  # unwinds through nbclient, which shuts the kernel down
 
     signal.signal(signal.SIGTERM, stop)
-    os.environ["LAB_EXIT_WITH_PARENT"] = "1"  # the kernel's watchdog: exit when this process dies
+    os.environ["LAB_EXIT_WITH_PARENT"] = str(os.getpid())  # the kernel's watchdog: exit when this process dies
     notebook = nbformat.read(str(path), as_version=4)
     executor = LiveExecutor(timeout=None, kernel_name="python3")
     code = 0
