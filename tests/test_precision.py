@@ -111,7 +111,13 @@ def test_fused_adam_steps_like_plain_adam(nb, settings, tiny_data):
         model.train()
         torch.manual_seed(0)
         model.train_step(tiny_data.train_x[:16])
+    compared = 0
     for a, b in zip(plain.parameters(), fused.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
+        # a conv bias followed by batch norm has a gradient that is zero up to rounding (≈1e-10); Adam divides
+        # that noise by its own size, so those steps are noise in both optimizers and are not compared
+        if a.grad is not None and a.grad.abs().max() > 1e-6:
+            assert torch.allclose(a, b, atol=1e-6)
+            compared += 1
+    assert compared >= 6
     fused.plain_path()
     assert all(g["fused"] is None for opt in fused.optimizers.values() for g in opt.param_groups)
