@@ -300,15 +300,17 @@ def test_dead_codes_are_restarted(nb):
     assert (vq.cluster_size >= 0.5).all()  # no code stays below the restart threshold
 
 
-def test_pixelcnn_is_causal(nb):
-    prior = nb.CodePrior(codes=16, channels=8, layers=3).eval()
+def test_code_prior_is_causal(nb):
+    prior = nb.CodePrior(codes=16, positions=64, dim=16, layers=2, heads=2).eval()
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (1, 8, 8))
     base = prior.logits(codes)
     for i, j in [(0, 0), (3, 4), (7, 7)]:
         later = codes.clone().view(-1)
         later[i * 8 + j:] = torch.randint(0, 16, (64 - i * 8 - j,))   # change this position and all after it
-        assert torch.allclose(prior.logits(later.view(1, 8, 8))[:, :, i, j], base[:, :, i, j])
+        assert torch.allclose(prior.logits(later.view(1, 8, 8))[:, :, i, j], base[:, :, i, j], atol=1e-5)
     earlier = codes.clone()
     earlier[0, 3, 3] = (earlier[0, 3, 3] + 1) % 16
     assert not torch.allclose(prior.logits(earlier)[:, :, 3, 4], base[:, :, 3, 4])  # it does see the past
+    maps = prior.generate(3, 8, 8)
+    assert maps.shape == (3, 8, 8) and maps.min() >= 0 and maps.max() < 16

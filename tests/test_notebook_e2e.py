@@ -93,9 +93,14 @@ def test_metrics_cover_every_model(run):
         assert m["is"]["value"] != "" or "unavailable" in m["is"]["note"]
         assert len(json.loads(m["class_histogram"]["value"])) == 10
         (results / name / "samples.png").stat()
-    for vae in ("conv_vae", "fc_vae", "resnet_vae", "dfc_vae", "mlp_vae"):
-        for metric in ("recon_mse", "recon_psnr", "fid_recon", "elbo_kl", "active_units", "probe_accuracy", "fid_gmm"):
+    for vae in ("conv_vae", "sigma_vae", "fc_vae", "resnet_vae", "dfc_vae", "mlp_vae"):
+        for metric in ("recon_mse", "recon_psnr", "fid_recon", "elbo_kl", "neg_elbo", "bits_per_dim", "active_units",
+                       "probe_accuracy", "probe_accuracy_hidden", "fid_gmm"):
             assert metric in by_model[vae], (vae, metric)
+    assert by_model["sigma_vae"]["bits_per_dim"]["value"] != "" and "unavailable" in by_model["mlp_vae"]["bits_per_dim"]["note"]
+    for sampler in ("conv_vae", "dcgan", "sngan_resnet", "wgan_gp_resnet"):   # tracked in smoke: a best checkpoint
+        assert {"best_epoch", "fid_best", "kid_best"} <= set(by_model[sampler]), sampler
+        assert by_model[sampler]["fid_best"]["weights"].startswith("best, epoch")
     assert "feature network" in by_model["dfc_vae"]["fid"]["note"]
     for gan in ("dcgan", "wgan_gp", "sn_dcgan", "mlp_gan"):
         assert "loss_g_variance" in by_model[gan]
@@ -110,6 +115,8 @@ def test_histories_carry_tracking_seed_and_stage_histories(run):
     results = run[0] / "results"
     dcgan = read_csv(results / "dcgan" / "history.csv")
     assert len(dcgan) == 2 and dcgan[-1]["track_kid"] != "" and float(dcgan[-1]["images_per_s"]) > 0
+    assert int(dcgan[-1]["images_seen"]) == 2 * int(dcgan[0]["images_seen"]) > 0     # time-to-quality axes
+    assert float(dcgan[-1]["elapsed_s"]) >= float(dcgan[0]["elapsed_s"]) > 0
     assert {r["seed"] for r in dcgan} == {"42"}
     vq = read_csv(results / "vqvae" / "history.csv")
     assert float(vq[-1]["perplexity"]) >= 1 and "codes_used" in vq[-1]
