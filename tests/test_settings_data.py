@@ -83,7 +83,7 @@ def preflight_cli(env, cwd=None):
 def test_preflight_cli_exits_2_with_one_line(tmp_path):
     out = preflight_cli({"PROFILE": "nope"}, cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: PROFILE='nope' is unknown: use one of auto, smoke, quick, full"]
+    assert out.stderr.strip().splitlines() == ["error: PROFILE='nope' is unknown: use one of auto, smoke, quick, full, paper"]
 
 
 def test_preflight_offline_cifar_unwritable_results_and_bad_checkpoint_dir(tmp_path):
