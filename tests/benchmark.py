@@ -101,7 +101,7 @@ def bench_training(nb, S, data, names, repeats):
                 S_run = nb.Settings(**{**S.as_dict(), "checkpoint_dir": tmp, "results_dir": tmp})
                 model = nb.build_model(name, S_run, data)
                 engine.append(timed(lambda: nb.fit(model, x, S_run, name, 1)))
-            model = nb.build_model(name, S, data)
+            model = nb.build_model(name, nb.Settings(**{**S.as_dict(), "compile": "off"}), data)  # plain = eager
             model.train()
             plain.append(timed(lambda: plain_epoch(name, model, x, S.batch_size)))
         images = (len(x) // S.batch_size) * S.batch_size
@@ -111,7 +111,7 @@ def bench_training(nb, S, data, names, repeats):
                      "plain_per_s": round(images / p_wall, 1), "ratio": round(p_wall / e_wall, 3),
                      "ratio_cpu_seconds": round(p_cpu / e_cpu, 3), "unit": "images/s",
                      "note": f"{repeats} interleaved pairs, {images} images, batch {S.batch_size}, width {S.width}, "
-                             f"AMP {S.amp}; engine includes checkpoint + history writes"})
+                             f"AMP {S.amp}, COMPILE {S.compile}; engine includes checkpoint + history writes"})
         print_row(rows[-1])
     return rows
 
@@ -173,7 +173,7 @@ def print_row(row):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--images", type=int, default=0, help="training images (default 1024 CPU / 16384 CUDA)")
+    parser.add_argument("--images", type=int, default=0, help="training images (default 4096 CPU / 16384 CUDA)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: training, inception, metrics")
     args = parser.parse_args()
     nb = load_notebook()
@@ -181,14 +181,14 @@ def main():
     env = {"PROFILE": "quick", "DATASET": "synthetic", **os.environ}
     S = nb.resolve_settings(notebook_parameters(), env)
     cuda = S.device == "cuda"
-    n = args.images or (16384 if cuda else 1024)
+    n = args.images or (16384 if cuda else 4096)  # an epoch long enough that its checkpoint write is amortised as in a run
     S = nb.Settings(**{**S.as_dict(), "n_train": n, "track_every": 0, "sample_every": 0})
     x, y = nb.synthetic_images(n, S.seed)
     data = nb.Dataset("synthetic", torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x[:64]),
                       torch.from_numpy(y[:64]), key="bench", classes=nb.synthetic_class_names())
     device = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(f"benchmark on {device}, {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
-          f"width {S.width}, batch {S.batch_size}, AMP {S.amp}")
+          f"width {S.width}, batch {S.batch_size}, AMP {S.amp}, COMPILE {S.compile} (the plain loop is always eager)")
     torch.manual_seed(0)
     sizes = {name: sum(p.numel() for p in nb.build_model(name, S, data).parameters())
              for name in nb.MODEL_REGISTRY if nb.MODEL_REGISTRY[name].family == "image"}

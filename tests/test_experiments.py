@@ -1,0 +1,164 @@
+"""Experiments and the report: studies as lists of runs in their own folders (resumable, launchable as their own
+process), confidence intervals, findings from numbers, REPORT.md whose numbers all come from results files,
+TensorBoard mirrors of the histories. A stand-in feature network replaces Inception (no Inception pass here)."""
+import csv
+import math
+import re
+import shlex
+import types
+
+import pytest
+import torch
+
+from nbmodule import notebook_parameters
+
+
+@pytest.fixture
+def fake_inception(nb, monkeypatch):
+    def features(images, device):
+        return images.float().flatten(1)[:, :64].double().numpy() / 255, None
+    monkeypatch.setattr(nb, "inception_features", features)
+    monkeypatch.setattr(nb, "cached_features", lambda images, key, device: features(images, device))
+    monkeypatch.setattr(nb, "inception_net", lambda device: types.SimpleNamespace(pipeline="fake-64", source="fake"))
+
+
+def test_experiments_setting_names_studies(nb, settings):
+    assert settings().experiments == ()
+    assert settings(EXPERIMENTS="all").experiments == nb.STUDY_NAMES
+    assert settings(EXPERIMENTS="seeds, beta").experiments == ("seeds", "beta")
+    assert settings(EXPERIMENTS="none").experiments == ()
+    with pytest.raises(nb.SettingsError, match="EXPERIMENTS='betas' names unknown studies betas"):
+        settings(EXPERIMENTS="betas")
+
+
+def test_each_study_is_a_list_of_runs_with_overrides(nb, settings):
+    S = settings()
+    beta = nb.STUDIES["beta"](S)
+    assert len(beta) == 2 * 2 * 6 and len({r.name for r in beta}) == len(beta)
+    assert {dict(r.overrides)["BETA"] for r in beta} == {0.1, 0.25, 0.5, 1.0, 2.0, 4.0}
+    assert {dict(r.overrides)["KL_WARMUP"] for r in beta} == {0, 1} and {r.model for r in beta} == {"conv_vae", "sigma_vae"}
+    quick = nb.Settings(**{**S.as_dict(), "profile": "quick", "epochs": 0})
+    assert len(nb.STUDIES["beta"](quick)) == 6   # the CPU-sized subset: conv_vae, 3 βs, with and without warm-up
+    assert {(r.model, dict(r.overrides)["OPTIMIZER"]) for r in nb.STUDIES["optimizers"](S)} == \
+        {(m, o) for m in ("dcgan", "conv_vae") for o in ("adam", "rmsprop", "sgd")}
+    seeds = nb.STUDIES["seeds"](nb.Settings(**{**S.as_dict(), "models": ("dcgan", "conv_vae")}))
+    assert {dict(r.overrides)["SEED"] for r in seeds} == {43, 44} and len(seeds) == 4
+
+
+def test_a_run_lives_in_its_own_folder_and_its_overrides_are_checked(nb, settings):
+    S = settings()
+    run = nb.ExperimentRun("beta", "conv_vae-beta4", "conv_vae", (("BETA", 4.0),))
+    R = nb.run_settings(S, run)
+    folder = nb.Path(S.results_dir) / "experiments" / "beta" / "conv_vae-beta4"
+    assert (R.beta, R.models, R.results_dir, R.checkpoint_dir) == (4.0, ("conv_vae",), str(folder), str(folder / "checkpoints"))
+    with pytest.raises(ValueError, match="BETA='nan'"):
+        nb.run_settings(S, nb.ExperimentRun("beta", "bad", "conv_vae", (("BETA", "nan"),)))
+
+
+def test_launch_command_resolves_to_the_same_settings(nb, settings):
+    S = settings(WIDTH=8, N_TRAIN=128, FID_SAMPLES=24)
+    run = nb.ExperimentRun("optimizers", "dcgan-sgd", "dcgan", (("OPTIMIZER", "sgd"),))
+    line = nb.launch_command(S, run)
+    assert line.endswith(" ./reproduce.sh")
+    env = dict(part.split("=", 1) for part in shlex.split(line[:-len(" ./reproduce.sh")]))
+    again = nb.resolve_settings(notebook_parameters(), env, cuda_available=False)
+    expected = nb.run_settings(S, run)
+    for key in ("profile", "models", "optimizer", "width", "n_train", "fid_samples", "seed", "batch_size",
+                "results_dir", "checkpoint_dir", "beta", "gan_ema", "dataset"):
+        assert getattr(again, key) == getattr(expected, key), key
+
+
+def test_optimizer_setting_swaps_every_optimizer_and_is_stamped(nb, settings, tiny_data):
+    model = nb.build_model("dcgan", settings(OPTIMIZER="rmsprop"), tiny_data)
+    assert all(isinstance(o, torch.optim.RMSprop) for o in model.optimizers.values())
+    assert model.optimizers["d"].param_groups[0]["lr"] == 2e-4 and model.shaped_by["optimizer"] == "rmsprop"
+    assert isinstance(nb.build_model("conv_vae", settings(OPTIMIZER="sgd"), tiny_data).optimizers["vae"], torch.optim.SGD)
+
+
+def test_confidence_interval_math(nb):
+    mean, half, n = nb.confidence_interval([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)  # t_{0.975,2} · s/√n
+    assert nb.confidence_interval([5.0]) == (5.0, None, 1)
+    assert nb.confidence_interval([None, float("nan")]) == (None, None, 0)
+
+
+def row(model, metric, value, note="", n=None):
+    return {"model": model, "metric": metric, "value": value, "spread": None, "n_samples": n, "reference": "",
+            "note": note, "weights": "final, epoch 3"}
+
+
+def test_findings_name_the_metric_and_threshold(nb):
+    rows = [row("real data", "recall_test_vs_train", 0.8), row("raw pixels", "probe_accuracy", 0.3),
+            row("gan_a", "fid", 30.0, n=1000), row("gan_a", "fid_best", 20.0), row("gan_a", "best_epoch", 2),
+            row("gan_a", "classes_covered", 2), row("gan_a", "recall", 0.1),
+            row("vae_a", "fid", 90.0, n=1000), row("vae_a", "active_units", 3, note="of 64; Var(μ) > 0.01"),
+            row("vae_a", "probe_accuracy", 0.45), row("vae_a", "classes_covered", 9), row("vae_a", "recall", 0.5)]
+    seeds = {"seeds": [{"model": "gan_a", "fid": 31.0, "fid_ci95": 2.5, "fid_n": 3}]}
+    text = "\n".join(nb.findings(rows, seeds, 10))
+    assert "gan_a has the lowest FID, 30 (1000 samples, 31 ± 2.5 over 3 seeds)" in text
+    assert "vae_a's encoder gives the best linear probe, 0.45 (raw pixels: 0.3)" in text
+    assert "Posterior collapse in vae_a: 3 of 64 latent units active (active_units; threshold: < 10 %)" in text
+    assert "Mode collapse in gan_a: samples cover 2 of 10 classes (classes_covered; threshold: ≤ half)" in text
+    assert "Low diversity in gan_a: recall 0.1 against 0.8" in text and "Low diversity in vae_a" not in text
+    assert "gan_a got worse late: FID 30 at the end against 20 at epoch 2" in text
+    assert "Mode collapse in vae_a" not in text and "Posterior collapse in gan_a" not in text
+
+
+@pytest.fixture
+def experiment_run(nb, settings, tiny_data, fake_inception):
+    S = settings(EPOCHS=2, FID_SAMPLES=32, TRACK_EVERY=1, SAMPLE_EVERY=1, MODELS="dcgan,conv_vae",
+                 EXPERIMENTS="optimizers")
+    reference = nb.build_reference(tiny_data, S)
+    trained = {n: nb.train_model(n, S, tiny_data, reference) for n in nb.selected_models(S)}
+    evaluations = {n: nb.evaluate_or_reuse(t, tiny_data, reference, S) for n, t in trained.items()}
+    sanity = nb.sanity_rows(tiny_data, reference, S)
+    studies = {name: nb.run_study(name, S, tiny_data, reference) for name in S.experiments}
+    nb.write_report(sanity, evaluations, trained, reference, tiny_data, S, studies)
+    return S, reference
+
+
+def test_a_finished_sweep_is_reused_not_rerun(nb, experiment_run, tiny_data, capsys):
+    S, reference = experiment_run
+    capsys.readouterr()
+    done = nb.run_study("optimizers", S, tiny_data, reference)
+    out = capsys.readouterr().out
+    assert out.count("not retraining") == 6 and out.count("evaluation reused") == 6 and len(done) == 6
+    folder = nb.Path(S.results_dir) / "experiments" / "optimizers"
+    assert (folder / "dcgan-sgd" / "checkpoints" / "dcgan" / "last.pt").exists()
+    assert len((folder / "commands.sh").read_text().splitlines()) == 7
+    table = list(csv.DictReader(open(folder / "table.csv")))
+    assert {(r["model"], r["optimizer"]) for r in table} == {(m, o) for m in ("dcgan", "conv_vae")
+                                                             for o in ("adam", "rmsprop", "sgd")}
+    assert (nb.Path(S.figures_dir) / "study_optimizers.png").exists()
+
+
+def test_every_number_in_the_report_comes_from_a_results_file(nb, experiment_run):
+    S, _ = experiment_run
+    results = nb.Path(S.results_dir)
+    report = (results / "REPORT.md").read_text()
+    assert "## Comparison" in report and "## Findings" in report and "study_optimizers.png" in report
+    html = (results / "REPORT.html").read_text()
+    assert "<table>" in html and "data:image/png;base64," in html
+    known = set()
+    for path in list(results.rglob("*.csv")):
+        for r in csv.DictReader(open(path)):
+            for v in r.values():
+                known.add(str(v))
+                try:
+                    known.add(nb.fmt(float(v)))
+                    known.add(nb.fmt(int(v)))
+                except (TypeError, ValueError):
+                    pass
+    body = report.split("## Comparison", 1)[1].split("## Figures", 1)[0]
+    numbers = re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])", body)
+    assert numbers
+    missing = [x for x in numbers if x not in known and x not in ("10", "25", "1", "2", "3")]  # thresholds, epochs
+    assert not missing, missing
+
+
+def test_tensorboard_mirrors_the_history(nb, experiment_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    S, _ = experiment_run
+    events = EventAccumulator(str(nb.Path(S.results_dir) / "tensorboard" / "dcgan")).Reload()
+    assert {"loss_d", "loss_g", "track_kid", "track_fid"} <= set(events.Tags()["scalars"])
+    assert "samples" in events.Tags()["images"] and len(events.Scalars("loss_d")) == 2
