@@ -162,3 +162,39 @@ def test_tensorboard_mirrors_the_history(nb, experiment_run):
     events = EventAccumulator(str(nb.Path(S.results_dir) / "tensorboard" / "dcgan")).Reload()
     assert {"loss_d", "loss_g", "track_kid", "track_fid"} <= set(events.Tags()["scalars"])
     assert "samples" in events.Tags()["images"] and len(events.Scalars("loss_d")) == 2
+
+
+def test_a_changed_optimizer_against_old_checkpoints_stops_in_the_preflight(nb, settings, tiny_data):
+    nb.train_model("dcgan", settings(EPOCHS=1), tiny_data)
+    assert nb.checkpoint_errors(settings(EPOCHS=1), ["dcgan"]) == []
+    errors = nb.checkpoint_errors(settings(EPOCHS=1, OPTIMIZER="sgd"), ["dcgan"])
+    assert len(errors) == 1 and "optimizer 'adam' → 'sgd'" in errors[0] and "CHECKPOINT_DIR" in errors[0]
+
+
+def test_early_stop_rule_on_a_constructed_curve(nb):
+    curve = [10.0, 8.0, 7.0, 7.5, 7.2, 6.95, 7.1, 7.3]
+    stops = [e for e in range(1, len(curve) + 1) if nb.early_stop(curve[:e], patience=2, min_delta=0.0)]
+    assert stops[0] == 5                                  # epochs 4 and 5 did not beat epoch 3's 7.0
+    assert [e for e in range(1, 9) if nb.early_stop(curve[:e], 2, min_delta=0.1)][0] == 5
+    assert not any(nb.early_stop(curve[:e], 0) for e in range(1, 9))               # off
+    assert [e for e in range(1, 9) if nb.early_stop(curve[:e], 3, min_delta=0.1)][0] == 6  # 6.95 > 7.0 - 0.1
+
+
+def test_fit_stops_early_and_a_rerun_does_not_train_on(nb, settings, tiny_data, monkeypatch, capsys):
+    S = settings(EPOCHS=8, PATIENCE=2)
+    losses = iter([5.0, 4.0, 4.5, 4.2, 1.0, 1.0, 1.0, 1.0])
+    monkeypatch.setattr(nb.VAE, "heldout_loss", lambda self, x: next(losses))
+    history = nb.train_model("conv_vae", S, tiny_data).history
+    assert len(history) == 4 and history[-1]["early_stopped"] == 1 and history[-1]["heldout_loss"] == 4.2
+    assert "early stop at epoch 4" in capsys.readouterr().out
+    again = nb.train_model("conv_vae", S, tiny_data)
+    assert len(again.history) == 4 and "stopped early at epoch 4" in capsys.readouterr().out
+
+
+def test_grid_study_runs_latent_sizes_by_hyperparameter_sets_with_early_stopping(nb, settings, tiny_data):
+    runs = nb.STUDIES["grid"](settings())
+    assert len(runs) == 9 and {dict(r.overrides)["LATENT_DIM"] for r in runs} == {64, 128, 256}
+    assert all(dict(r.overrides)["PATIENCE"] == 2 for r in runs)
+    R = nb.run_settings(settings(), runs[-1])
+    model = nb.build_model("conv_vae", R, tiny_data)
+    assert model.latent_dim == 256 and model.optimizers["vae"].param_groups[0]["lr"] == 2e-3 and R.batch_size == 32

@@ -66,7 +66,7 @@ def test_resnet_gans_at_the_published_sizes(nb, settings, tiny_data, name, g_par
 def test_generator_step_budgets_become_epochs(nb, settings):
     S = settings(BATCH_SIZE=64)
     quick = nb.Settings(**{**S.as_dict(), "profile": "quick", "epochs": 0})
-    assert nb.model_epochs("sngan_resnet", quick, 8000, n_critic=5) == math.ceil(50 * 5 / 125)
+    assert nb.model_epochs("sngan_resnet", quick, 8000, n_critic=5) == math.ceil(25 * 5 / 125)
     assert nb.model_epochs("dcgan", quick, 8000) == 8
     assert nb.model_epochs("conv_vae", quick, 8000) == 6                       # VAEs count epochs
     assert nb.model_epochs("dcgan", nb.Settings(**{**quick.as_dict(), "epochs": 3}), 8000) == 3   # EPOCHS wins
