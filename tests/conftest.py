@@ -1,4 +1,5 @@
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,13 @@ def tiny_data(nb):
     tx, ty = nb.synthetic_images(32, 1)
     t = torch.from_numpy
     return nb.Dataset("synthetic", t(x), t(y), t(tx), t(ty), key="tiny", classes=nb.synthetic_class_names())
+
+
+@pytest.fixture
+def fake_inception(nb, monkeypatch):
+    """A stand-in for the Inception network (features = the first 64 pixel values): no Inception pass in tests."""
+    def features(images, device):
+        return images.float().flatten(1)[:, :64].double().numpy() / 255, None
+    monkeypatch.setattr(nb, "inception_features", features)
+    monkeypatch.setattr(nb, "cached_features", lambda images, key, device: features(images, device))
+    monkeypatch.setattr(nb, "inception_net", lambda device: types.SimpleNamespace(pipeline="fake-64", source="fake"))

@@ -2,21 +2,11 @@
 (features = the first 64 pixel values), so no Inception pass runs here."""
 import csv
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-
-@pytest.fixture
-def fake_inception(nb, monkeypatch):
-    def features(images, device):
-        return images.float().flatten(1)[:, :64].double().numpy() / 255, None
-    monkeypatch.setattr(nb, "inception_features", features)
-    monkeypatch.setattr(nb, "cached_features", lambda images, key, device: features(images, device))
-    monkeypatch.setattr(nb, "inception_net", lambda device: types.SimpleNamespace(pipeline="fake-64", source="fake"))
 
 
 @pytest.fixture
@@ -42,7 +32,9 @@ def test_each_model_gets_the_evaluations_its_capabilities_allow(nb, run, tiny_da
     assert "raw generator" in gan_rows["fid"]["note"]
     vq_rows = by_metric(vq.rows)
     assert "probe_accuracy" in vq_rows and "recon_mse" in vq_rows and "fid_gmm" not in vq_rows
-    assert set(vae.images) == {"samples", "recons", "interpolation"} and set(gan.images) == {"samples", "interpolation"}
+    assert set(vae.images) == {"samples", "nearest", "recons", "interpolation"}
+    assert set(gan.images) == {"samples", "nearest", "interpolation"}
+    assert vae.images["nearest"].shape == (8 * 4, 3, 32, 32)   # 8 samples, each with its 3 nearest training images
     assert vae.images["samples"].shape == (64, 3, 32, 32) and vae.images["recons"].shape == (32, 3, 32, 32)
     for row, weights in [(r, "final, epoch 2") for r in vae.rows] + \
             [(r, "final, epoch 2, raw generator (GAN_EMA=0)") for r in gan.rows]:

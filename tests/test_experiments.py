@@ -5,21 +5,11 @@ import csv
 import math
 import re
 import shlex
-import types
 
 import pytest
 import torch
 
 from nbmodule import notebook_parameters
-
-
-@pytest.fixture
-def fake_inception(nb, monkeypatch):
-    def features(images, device):
-        return images.float().flatten(1)[:, :64].double().numpy() / 255, None
-    monkeypatch.setattr(nb, "inception_features", features)
-    monkeypatch.setattr(nb, "cached_features", lambda images, key, device: features(images, device))
-    monkeypatch.setattr(nb, "inception_net", lambda device: types.SimpleNamespace(pipeline="fake-64", source="fake"))
 
 
 def test_experiments_setting_names_studies(nb, settings):

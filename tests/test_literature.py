@@ -3,7 +3,6 @@ decay, EMA warm-up, the best checkpoint, the calibrated VAE decoder and its bits
 and the `full` profile's code paths run end to end on the CPU with tiny overrides."""
 import json
 import math
-import types
 
 import pytest
 import torch
@@ -97,15 +96,6 @@ def test_ema_decay_warms_up_over_generator_steps(nb, settings, tiny_data):
     raw, ema, old = next(model.generator.parameters()), next(model.g_ema.parameters()), before[0]
     decay = min(0.999, 2 / 11)   # after generator step 1
     assert torch.allclose(ema, decay * old + (1 - decay) * raw, atol=1e-6)
-
-
-@pytest.fixture
-def fake_inception(nb, monkeypatch):
-    def features(images, device):
-        return images.float().flatten(1)[:, :64].double().numpy() / 255, None
-    monkeypatch.setattr(nb, "inception_features", features)
-    monkeypatch.setattr(nb, "cached_features", lambda images, key, device: features(images, device))
-    monkeypatch.setattr(nb, "inception_net", lambda device: types.SimpleNamespace(pipeline="fake-64", source="fake"))
 
 
 def test_best_checkpoint_is_kept_and_reported_beside_the_final_weights(nb, settings, tiny_data, fake_inception,

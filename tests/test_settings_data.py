@@ -42,6 +42,14 @@ def test_environment_overrides_parameters(nb):
     ({"BETA": "inf"}, "BETA"),
     ({"DFC_ALPHA": "-inf"}, "DFC_ALPHA"),
     ({"BATCH_SIZE": "1000", "N_TRAIN": "512"}, "BATCH_SIZE"),
+    ({"VAE_SIGMA": "learned"}, "VAE_SIGMA"),
+    ({"TRACK_SAMPLES": "1"}, "TRACK_SAMPLES"),
+    ({"OPTIMIZER": "lamb"}, "OPTIMIZER"),
+    ({"EXPERIMENTS": "betas"}, "EXPERIMENTS"),
+    ({"LATENT_DIM": "0"}, "LATENT_DIM"),
+    ({"LR": "nan"}, "LR"),
+    ({"PATIENCE": "-2"}, "PATIENCE"),
+    ({"MIN_DELTA": "inf"}, "MIN_DELTA"),
 ])
 def test_bad_settings_name_the_setting(nb, env, setting):
     with pytest.raises(nb.SettingsError) as err:
