@@ -5,8 +5,8 @@
 1. Training: images/s of the notebook's engine (`fit`, checkpoints and history included) against a plain
    pytorch/examples-style loop written here — the same modules, batch and optimizer settings, none of the
    engine — for dcgan, conv_vae, wgan_gp, sn_dcgan and the largest registered model. Runs alternate
-   (engine, plain, engine, plain, ...) so machine noise hits both; the ratio is of medians, and CPU seconds are
-   reported beside wall-clock seconds.
+   (engine, plain, plain, engine, ...) so machine noise and warm-up hit both; the ratio is of medians, and CPU
+   seconds are reported beside wall-clock seconds.
 2. Inception: images/s of our feature pipeline against pytorch-fid's own model called the way its
    `get_activations` does.
 3. Metrics: seconds for FID, KID and precision/recall at two feature counts (random 2048-d features).
@@ -96,21 +96,26 @@ def bench_training(nb, S, data, names, repeats):
     x = data.train_x.to(S.device)
     for name in names:
         engine, plain = [], []
-        for r in range(repeats):  # interleaved: engine, plain, engine, plain, ...
+        def run_engine():
             with tempfile.TemporaryDirectory() as tmp:
                 S_run = nb.Settings(**{**S.as_dict(), "checkpoint_dir": tmp, "results_dir": tmp})
                 model = nb.build_model(name, S_run, data)
                 engine.append(timed(lambda: nb.fit(model, x, S_run, name, 1)))
+
+        def run_plain():
             model = nb.build_model(name, nb.Settings(**{**S.as_dict(), "compile": "off"}), data)  # plain = eager
             model.train()
             plain.append(timed(lambda: plain_epoch(name, model, x, S.batch_size)))
+        for r in range(repeats):  # interleaved, and the order alternates, so neither side always runs first
+            for run in ((run_engine, run_plain) if r % 2 == 0 else (run_plain, run_engine)):
+                run()
         images = (len(x) // S.batch_size) * S.batch_size
         e_wall, p_wall = statistics.median(w for w, _ in engine), statistics.median(w for w, _ in plain)
         e_cpu, p_cpu = statistics.median(c for _, c in engine), statistics.median(c for _, c in plain)
         rows.append({"what": f"train {name}", "ours_per_s": round(images / e_wall, 1),
                      "plain_per_s": round(images / p_wall, 1), "ratio": round(p_wall / e_wall, 3),
                      "ratio_cpu_seconds": round(p_cpu / e_cpu, 3), "unit": "images/s",
-                     "note": f"{repeats} interleaved pairs, {images} images, batch {S.batch_size}, width {S.width}, "
+                     "note": f"{repeats} interleaved pairs (order alternating), {images} images, batch {S.batch_size}, width {S.width}, "
                              f"AMP {S.amp}, COMPILE {S.compile}; engine includes checkpoint + history writes"})
         print_row(rows[-1])
     return rows
