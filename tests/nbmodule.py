@@ -95,6 +95,11 @@ def run_notebook(results_dir, path=NOTEBOOK):
                 log.write(text)
             return super().output(outs, msg, display_id, cell_index)
 
+        def start_new_kernel(self, **kwargs):
+            # the kernel process's own stdout/stderr (C-level warnings; a dying kernel's zmq traceback after
+            # Ctrl-C) go to run.log, not the terminal: the terminal gets the cells' output and one error line
+            return super().start_new_kernel(stdout=log, stderr=log, **kwargs)
+
     def stop(signum, frame):
         raise KeyboardInterrupt  # unwinds through nbclient, which shuts the kernel down
 

@@ -13,7 +13,10 @@ from nbmodule import notebook_parameters
 
 
 def test_experiments_setting_names_studies(nb, settings):
-    assert settings().experiments == ()
+    assert settings().experiments == ()                      # smoke: none unless asked
+    assert settings(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64).experiments == ("beta", "seeds")  # the CPU subset
+    assert settings(PROFILE="full", N_TRAIN=5000, BATCH_SIZE=64).experiments == nb.STUDY_NAMES
+    assert settings(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64, EXPERIMENTS="none").experiments == ()
     assert settings(EXPERIMENTS="all").experiments == nb.STUDY_NAMES
     assert settings(EXPERIMENTS="seeds, beta").experiments == ("seeds", "beta")
     assert settings(EXPERIMENTS="none").experiments == ()
@@ -28,7 +31,10 @@ def test_each_study_is_a_list_of_runs_with_overrides(nb, settings):
     assert {dict(r.overrides)["BETA"] for r in beta} == {0.1, 0.25, 0.5, 1.0, 2.0, 4.0}
     assert {dict(r.overrides)["KL_WARMUP"] for r in beta} == {0, 1} and {r.model for r in beta} == {"conv_vae", "sigma_vae"}
     quick = nb.Settings(**{**S.as_dict(), "profile": "quick", "epochs": 0})
-    assert len(nb.STUDIES["beta"](quick)) == 6   # the CPU-sized subset: conv_vae, 3 βs, with and without warm-up
+    assert [(r.model, dict(r.overrides)["BETA"], dict(r.overrides)["KL_WARMUP"]) for r in nb.STUDIES["beta"](quick)] \
+        == [("conv_vae", b, 0) for b in (0.25, 1.0, 4.0)]  # the CPU-sized subset: conv_vae, 3 βs, no warm-up
+    quick_seeds = nb.STUDIES["seeds"](nb.Settings(**{**quick.as_dict(), "models": ("sn_dcgan", "dcgan", "conv_vae")}))
+    assert [(r.model, dict(r.overrides)["SEED"]) for r in quick_seeds] == [("conv_vae", 43), ("dcgan", 43)]
     assert {(r.model, dict(r.overrides)["OPTIMIZER"]) for r in nb.STUDIES["optimizers"](S)} == \
         {(m, o) for m in ("dcgan", "conv_vae") for o in ("adam", "rmsprop", "sgd")}
     seeds = nb.STUDIES["seeds"](nb.Settings(**{**S.as_dict(), "models": ("dcgan", "conv_vae")}))
@@ -53,6 +59,7 @@ def test_launch_command_resolves_to_the_same_settings(nb, settings):
     env = dict(part.split("=", 1) for part in shlex.split(line[:-len(" ./reproduce.sh")]))
     again = nb.resolve_settings(notebook_parameters(), env, cuda_available=False)
     expected = nb.run_settings(S, run)
+    assert again.experiments == () and "EXPERIMENTS=none" in line  # the run alone, never the profile's studies
     for key in ("profile", "models", "optimizer", "width", "n_train", "fid_samples", "seed", "batch_size",
                 "results_dir", "checkpoint_dir", "beta", "gan_ema", "dataset"):
         assert getattr(again, key) == getattr(expected, key), key
@@ -63,6 +70,28 @@ def test_optimizer_setting_swaps_every_optimizer_and_is_stamped(nb, settings, ti
     assert all(isinstance(o, torch.optim.RMSprop) for o in model.optimizers.values())
     assert model.optimizers["d"].param_groups[0]["lr"] == 2e-4 and model.shaped_by["optimizer"] == "rmsprop"
     assert isinstance(nb.build_model("conv_vae", settings(OPTIMIZER="sgd"), tiny_data).optimizers["vae"], torch.optim.SGD)
+
+
+def test_a_run_with_the_main_runs_settings_is_the_main_run(nb, settings, tiny_data, monkeypatch):
+    S = settings(MODELS="conv_vae")
+    same = nb.ExperimentRun("beta", "conv_vae-beta1", "conv_vae", (("BETA", 1.0), ("KL_WARMUP", 0)))
+    other = nb.ExperimentRun("beta", "conv_vae-beta4", "conv_vae", (("BETA", 4.0), ("KL_WARMUP", 0)))
+    main = {"conv_vae": ("main trained", "main evaluation")}
+    assert nb.is_main_run(S, same, main) and not nb.is_main_run(S, other, main)
+    assert not nb.is_main_run(S, same, {})  # a model the main run did not train is trained by the study
+    monkeypatch.setitem(nb.STUDIES, "beta", lambda S: [same])
+    monkeypatch.setattr(nb, "train_model", lambda *a: pytest.fail("the main run's model was retrained"))
+    assert nb.run_study("beta", S, tiny_data, None, main) == [(same, "main trained", "main evaluation")]
+    commands = (nb.Path(S.results_dir) / "experiments" / "beta" / "commands.sh").read_text()
+    assert "# conv_vae-beta1: the main run's conv_vae" in commands and "reproduce.sh" not in commands
+
+
+def test_loss_instability_is_scale_free_and_needs_enough_epochs(nb):
+    settled = [5.0, 3.0, 2.0, 1.6, 1.5, 1.45, 1.42, 1.41]
+    swinging = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert nb.loss_instability(settled) < 0.05 < 0.25 < nb.loss_instability(swinging)
+    assert nb.loss_instability([10 * v for v in swinging]) == nb.loss_instability(swinging)
+    assert isinstance(nb.loss_instability(swinging[:4]), nb.Unavailable)
 
 
 def test_confidence_interval_math(nb):
@@ -82,7 +111,8 @@ def test_findings_name_the_metric_and_threshold(nb):
             row("gan_a", "fid", 30.0, n=1000), row("gan_a", "fid_best", 20.0), row("gan_a", "best_epoch", 2),
             row("gan_a", "classes_covered", 2), row("gan_a", "recall", 0.1),
             row("vae_a", "fid", 90.0, n=1000), row("vae_a", "active_units", 3, note="of 64; Var(μ) > 0.01"),
-            row("vae_a", "probe_accuracy", 0.45), row("vae_a", "classes_covered", 9), row("vae_a", "recall", 0.5)]
+            row("vae_a", "probe_accuracy", 0.45), row("vae_a", "classes_covered", 9), row("vae_a", "recall", 0.5),
+            row("gan_a", "loss_g_instability", 0.4), row("gan_b", "loss_g_instability", 0.05)]
     seeds = {"seeds": [{"model": "gan_a", "fid": 31.0, "fid_ci95": 2.5, "fid_n": 3}]}
     text = "\n".join(nb.findings(rows, seeds, 10))
     assert "gan_a has the lowest FID, 30 (1000 samples, 31 ± 2.5 over 3 seeds)" in text
@@ -91,6 +121,8 @@ def test_findings_name_the_metric_and_threshold(nb):
     assert "Mode collapse in gan_a: samples cover 2 of 10 classes (classes_covered; threshold: ≤ half)" in text
     assert "Low diversity in gan_a: recall 0.1 against 0.8" in text and "Low diversity in vae_a" not in text
     assert "gan_a got worse late: FID 30 at the end against 20 at epoch 2" in text
+    assert "gan_a trained unstably" in text and "(loss_g_instability; threshold: > 0.25)" in text
+    assert "gan_b trained unstably" not in text
     assert "Mode collapse in vae_a" not in text and "Posterior collapse in gan_a" not in text
 
 
@@ -127,6 +159,7 @@ def test_every_number_in_the_report_comes_from_a_results_file(nb, experiment_run
     results = nb.Path(S.results_dir)
     report = (results / "REPORT.md").read_text()
     assert "## Comparison" in report and "## Findings" in report and "study_optimizers.png" in report
+    assert "## Compute (cpu)" in report and (results / "compute.csv").exists()
     html = (results / "REPORT.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
     known = set()
@@ -142,7 +175,7 @@ def test_every_number_in_the_report_comes_from_a_results_file(nb, experiment_run
     body = report.split("## Comparison", 1)[1].split("## Figures", 1)[0]
     numbers = re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])", body)
     assert numbers
-    missing = [x for x in numbers if x not in known and x not in ("10", "25", "1", "2", "3")]  # thresholds, epochs
+    missing = [x for x in numbers if x not in known and x not in ("10", "25", "0.25", "1", "2", "3")]  # thresholds, epochs
     assert not missing, missing
 
 
