@@ -30,6 +30,15 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift(nb):
     assert nb.fid_from_features(feats, feats + 0.5) == pytest.approx(16 * 0.25, rel=1e-6)
 
 
+@pytest.mark.parametrize("n1, n2", [(40, 90), (90, 40), (300, 300)])
+def test_fid_of_few_points_equals_the_eigenvalue_form(nb, n1, n2):
+    # fewer points than dimensions takes the n₁×n₂ route; it must equal the d×d eigenvalue form
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((n1, 128)) * 2 + 1, rng.standard_normal((n2, 128)) @ random_psd(rng, 128)
+    gauss = lambda x: (x.astype(np.float32).astype(np.float64).mean(0), np.cov(x.astype(np.float32).astype(np.float64), rowvar=False))
+    assert nb.fid_from_features(a, b) == pytest.approx(nb.frechet_distance(*gauss(b), *gauss(a)), rel=1e-7)
+
+
 def test_inception_score_extremes(nb):
     assert nb.inception_score_from_logits(np.zeros((100, 10)), splits=10) == pytest.approx((1.0, 0.0))
     confident = np.full((1000, 10), -1e4)
