@@ -61,8 +61,20 @@ def test_launch_command_resolves_to_the_same_settings(nb, settings):
     expected = nb.run_settings(S, run)
     assert again.experiments == () and "EXPERIMENTS=none" in line  # the run alone, never the profile's studies
     for key in ("profile", "models", "optimizer", "width", "n_train", "fid_samples", "seed", "batch_size",
-                "results_dir", "checkpoint_dir", "beta", "gan_ema", "dataset"):
+                "results_dir", "checkpoint_dir", "beta", "gan_ema", "dataset", "data_seed"):
         assert getattr(again, key) == getattr(expected, key), key
+
+
+def test_a_seed_run_launched_alone_trains_on_the_main_runs_data(nb, settings):
+    S = settings(SEED=42)
+    run = next(r for r in nb.STUDIES["seeds"](nb.Settings(**{**S.as_dict(), "models": ("conv_vae",)})))
+    line = nb.launch_command(S, run)
+    env = dict(part.split("=", 1) for part in shlex.split(line[:-len(" ./reproduce.sh")]))
+    alone = nb.resolve_settings(notebook_parameters(), env, cuda_available=False)
+    assert (alone.seed, alone.data_seed) == (43, 42)
+    assert nb.load_dataset(alone).key == nb.load_dataset(S).key           # same images, other training seed
+    assert nb.load_dataset(settings(SEED=43)).key != nb.load_dataset(S).key  # DATA_SEED follows SEED unless set
+    assert "data_seed" in nb.data_identity(alone) and "data_seed" not in nb.data_identity(S)
 
 
 def test_optimizer_setting_swaps_every_optimizer_and_is_stamped(nb, settings, tiny_data):
