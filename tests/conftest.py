@@ -14,20 +14,27 @@ def nb():
     return load_notebook()
 
 
+def tiny_settings(nb, folder, **overrides):
+    """Settings for tiny CPU runs, all outputs under folder."""
+    env = {"PROFILE": "smoke", "DEVICE": "cpu", "WIDTH": "4", "BATCH_SIZE": "16", "N_TRAIN": "64",
+           "RESULTS_DIR": str(folder / "results"), "CHECKPOINT_DIR": str(folder / "checkpoints"),
+           "FIGURES_DIR": str(folder / "figures"), "TRACK_EVERY": "0", "SAMPLE_EVERY": "0",
+           "DFC_NETWORK": "cnn", **{k: str(v) for k, v in overrides.items()}}
+    return nb.resolve_settings(notebook_parameters(), env, cuda_available=False)
+
+
 @pytest.fixture
 def settings(nb, tmp_path):
     """Settings for tiny CPU runs, all outputs under tmp_path; override with settings(**{"EPOCHS": "2"})."""
-    def make(**overrides):
-        env = {"PROFILE": "smoke", "DEVICE": "cpu", "WIDTH": "4", "BATCH_SIZE": "16", "N_TRAIN": "64",
-               "RESULTS_DIR": str(tmp_path / "results"), "CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
-               "FIGURES_DIR": str(tmp_path / "figures"), "TRACK_EVERY": "0", "SAMPLE_EVERY": "0",
-               "DFC_NETWORK": "cnn", **{k: str(v) for k, v in overrides.items()}}
-        return nb.resolve_settings(notebook_parameters(), env, cuda_available=False)
-    return make
+    return lambda **overrides: tiny_settings(nb, tmp_path, **overrides)
 
 
 @pytest.fixture
 def tiny_data(nb):
+    return make_tiny_data(nb)
+
+
+def make_tiny_data(nb):
     x, y = nb.synthetic_images(64, 0)
     tx, ty = nb.synthetic_images(32, 1)
     t = torch.from_numpy
@@ -37,6 +44,10 @@ def tiny_data(nb):
 @pytest.fixture
 def fake_inception(nb, monkeypatch):
     """A stand-in for the Inception network (features = the first 64 pixel values): no Inception pass in tests."""
+    install_fake_inception(nb, monkeypatch)
+
+
+def install_fake_inception(nb, monkeypatch):
     def features(images, device):
         return images.float().flatten(1)[:, :64].double().numpy() / 255, None
     monkeypatch.setattr(nb, "inception_features", features)

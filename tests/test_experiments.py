@@ -9,6 +9,7 @@ import shlex
 import pytest
 import torch
 
+from conftest import install_fake_inception, make_tiny_data, tiny_settings
 from nbmodule import notebook_parameters
 
 
@@ -138,17 +139,22 @@ def test_findings_name_the_metric_and_threshold(nb):
             "the end vs 20 at epoch 2.") in lines
 
 
-@pytest.fixture
-def experiment_run(nb, settings, tiny_data, fake_inception):
-    S = settings(EPOCHS=2, FID_SAMPLES=32, TRACK_EVERY=1, SAMPLE_EVERY=1, MODELS="dcgan,conv_vae",
-                 EXPERIMENTS="optimizers")
+@pytest.fixture(scope="module")
+def experiment_run(nb, tmp_path_factory):
+    # one run shared by the tests below (they read it or reuse its runs); the stand-in Inception for the module
+    patch = pytest.MonkeyPatch()
+    install_fake_inception(nb, patch)
+    tiny_data = make_tiny_data(nb)
+    S = tiny_settings(nb, tmp_path_factory.mktemp("experiment"), EPOCHS=2, FID_SAMPLES=32, TRACK_EVERY=1,
+                      SAMPLE_EVERY=1, MODELS="dcgan,conv_vae", EXPERIMENTS="optimizers")
     reference = nb.build_reference(tiny_data, S)
     trained = {n: nb.train_model(n, S, tiny_data, reference) for n in nb.selected_models(S)}
     evaluations = {n: nb.evaluate_or_reuse(t, tiny_data, reference, S) for n, t in trained.items()}
     sanity = nb.sanity_rows(tiny_data, reference, S)
     studies = {name: nb.run_study(name, S, tiny_data, reference) for name in S.experiments}
     nb.write_report(sanity, evaluations, trained, reference, tiny_data, S, studies)
-    return S, reference
+    yield S, reference
+    patch.undo()
 
 
 def test_a_finished_sweep_is_reused_not_rerun(nb, experiment_run, tiny_data, capsys):
