@@ -50,6 +50,7 @@ def test_environment_overrides_parameters(nb):
     ({"LR": "nan"}, "LR"),
     ({"PATIENCE": "-2"}, "PATIENCE"),
     ({"MIN_DELTA": "inf"}, "MIN_DELTA"),
+    ({"DATA_SEED": "-1"}, "DATA_SEED"),
 ])
 def test_bad_settings_name_the_setting(nb, env, setting):
     with pytest.raises(nb.SettingsError) as err:
