@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ./reproduce.sh        set up .venv, check, then execute notebook.ipynb headless → results/notebook.executed.ipynb
-# ./reproduce.sh test   set up .venv, then run the test suite
+# ./reproduce.sh test   set up .venv, lint the notebook and tests (ruff), then run the test suite
 # ./reproduce.sh bench  set up .venv, then benchmark training (vs a plain loop), Inception and metrics on this device
 # Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
 set -euo pipefail
@@ -30,6 +30,9 @@ setup
 case "${1:-run}" in
   test)
     shift || true
+    # lint first: pyflakes and pycodestyle rules over the notebook's code cells (ruff reads .ipynb) and the tests
+    "$VENV/bin/ruff" check --quiet --select E,F,W --ignore E731 --line-length 120 notebook.ipynb
+    "$VENV/bin/ruff" check --quiet --select E,F,W --ignore E731 --line-length 140 tests
     exec "$PY" -m pytest tests "$@"
     ;;
   bench)

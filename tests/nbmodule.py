@@ -6,6 +6,7 @@
 
     python tests/nbmodule.py --preflight   # settings, folders, lock, data, checkpoints: one line per problem, exit 2
     python tests/nbmodule.py --run         # execute notebook.ipynb headless with live output (see run_notebook)
+    python tests/nbmodule.py --settings-table   # the README's settings table, from the parameters cell
 
 Each export cell is compiled under its own name, `notebook.ipynb:cell 12 (def resolve_settings)`, so a
 traceback says which cell broke.
@@ -54,6 +55,20 @@ def notebook_parameters(path=NOTEBOOK):
             exec(cell.source, {}, values)
             return values
     raise LookupError(f"{path}: no cell tagged 'parameters'")
+
+
+def settings_table(path=NOTEBOOK):
+    """The README's settings table, generated from the `parameters` cell: name, default, the line's comment."""
+    import ast
+    cell = next(c for c in _cells(path) if "parameters" in c.metadata.get("tags", []))
+    lines = ["| setting | default | meaning |", "|---|---|---|"]
+    for line in cell.source.splitlines():
+        code, _, comment = line.partition("#")
+        if "=" in code:
+            name, value = (part.strip() for part in code.split("=", 1))
+            default = ast.literal_eval(value)
+            lines.append(f"| `{name}` | `{default!r}` | {comment.strip().replace('|', chr(92) + '|')} |")
+    return "\n".join(lines) + "\n"
 
 
 def preflight(environ=None):
@@ -132,6 +147,8 @@ def run_notebook(results_dir, path=NOTEBOOK):
 if __name__ == "__main__":
     if sys.argv[1:] in (["--preflight"], ["--check-settings"]):
         sys.exit(preflight())
+    if sys.argv[1:] == ["--settings-table"]:
+        sys.exit(print(settings_table(), end=""))
     if sys.argv[1:2] == ["--run"]:
         nb = load_notebook()
         sys.exit(run_notebook(nb.resolve_settings(notebook_parameters(), os.environ).results_dir))

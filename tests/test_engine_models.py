@@ -1,6 +1,5 @@
 """The training engine (checkpoints, resume, determinism) and every model's surface."""
 import math
-import pickle
 
 import pytest
 import torch

@@ -14,31 +14,40 @@ from nbmodule import notebook_parameters
 
 
 def test_experiments_setting_names_studies(nb, settings):
-    assert settings().experiments == ()                      # smoke: none unless asked
-    assert settings(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64).experiments == ("beta", "seeds")  # the CPU subset
-    assert settings(PROFILE="full", N_TRAIN=5000, BATCH_SIZE=64).experiments == nb.STUDY_NAMES
-    assert settings(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64, EXPERIMENTS="none").experiments == ()
-    assert settings(EXPERIMENTS="all").experiments == nb.STUDY_NAMES
-    assert settings(EXPERIMENTS="seeds, beta").experiments == ("seeds", "beta")
-    assert settings(EXPERIMENTS="none").experiments == ()
+    chosen = lambda **env: nb.selected_studies(settings(**env))
+    assert chosen() == ()                      # smoke: none unless asked
+    assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64) == ("beta", "seeds")  # the CPU subset
+    assert chosen(PROFILE="full", N_TRAIN=5000, BATCH_SIZE=64) == ("beta", "grid", "optimizers", "seeds")
+    assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64, EXPERIMENTS="none") == ()
+    assert chosen(EXPERIMENTS="all") == tuple(nb.STUDIES) == ("beta", "grid", "optimizers", "seeds")
+    assert chosen(EXPERIMENTS="seeds, beta") == ("seeds", "beta")
+    assert chosen(EXPERIMENTS="none") == ()
     with pytest.raises(nb.SettingsError, match="EXPERIMENTS='betas' names unknown studies betas"):
-        settings(EXPERIMENTS="betas")
+        chosen(EXPERIMENTS="betas")
+
+
+def test_every_study_has_a_plot_and_every_profile_sizes_only_registered_studies(nb, settings):
+    for record in nb.STUDIES.values():
+        assert callable(record.runs) and callable(record.plot), record.name
+    for name, profile in nb.PROFILES.items():
+        assert set(profile.study_sizes) <= set(nb.STUDIES) and set(profile.experiments) <= set(nb.STUDIES), name
+        assert set(profile.leave_out) <= set(nb.MODEL_REGISTRY), name
 
 
 def test_each_study_is_a_list_of_runs_with_overrides(nb, settings):
     S = settings()
-    beta = nb.STUDIES["beta"](S)
+    beta = nb.study_runs("beta", S)
     assert len(beta) == 2 * 2 * 6 and len({r.name for r in beta}) == len(beta)
     assert {dict(r.overrides)["BETA"] for r in beta} == {0.1, 0.25, 0.5, 1.0, 2.0, 4.0}
     assert {dict(r.overrides)["KL_WARMUP"] for r in beta} == {0, 1} and {r.model for r in beta} == {"conv_vae", "sigma_vae"}
     quick = nb.Settings(**{**S.as_dict(), "profile": "quick", "epochs": 0})
-    assert [(r.model, dict(r.overrides)["BETA"], dict(r.overrides)["KL_WARMUP"]) for r in nb.STUDIES["beta"](quick)] \
+    assert [(r.model, dict(r.overrides)["BETA"], dict(r.overrides)["KL_WARMUP"]) for r in nb.study_runs("beta", quick)] \
         == [("conv_vae", b, 0) for b in (0.25, 1.0, 4.0)]  # the CPU-sized subset: conv_vae, 3 βs, no warm-up
-    quick_seeds = nb.STUDIES["seeds"](nb.Settings(**{**quick.as_dict(), "models": ("sn_dcgan", "dcgan", "conv_vae")}))
+    quick_seeds = nb.study_runs("seeds", nb.Settings(**{**quick.as_dict(), "models": ("sn_dcgan", "dcgan", "conv_vae")}))
     assert [(r.model, dict(r.overrides)["SEED"]) for r in quick_seeds] == [("conv_vae", 43), ("dcgan", 43)]
-    assert {(r.model, dict(r.overrides)["OPTIMIZER"]) for r in nb.STUDIES["optimizers"](S)} == \
+    assert {(r.model, dict(r.overrides)["OPTIMIZER"]) for r in nb.study_runs("optimizers", S)} == \
         {(m, o) for m in ("dcgan", "conv_vae") for o in ("adam", "rmsprop", "sgd")}
-    seeds = nb.STUDIES["seeds"](nb.Settings(**{**S.as_dict(), "models": ("dcgan", "conv_vae")}))
+    seeds = nb.study_runs("seeds", nb.Settings(**{**S.as_dict(), "models": ("dcgan", "conv_vae")}))
     assert {dict(r.overrides)["SEED"] for r in seeds} == {43, 44} and len(seeds) == 4
 
 
@@ -68,7 +77,7 @@ def test_launch_command_resolves_to_the_same_settings(nb, settings):
 
 def test_a_seed_run_launched_alone_trains_on_the_main_runs_data(nb, settings):
     S = settings(SEED=42)
-    run = next(r for r in nb.STUDIES["seeds"](nb.Settings(**{**S.as_dict(), "models": ("conv_vae",)})))
+    run = next(r for r in nb.study_runs("seeds", nb.Settings(**{**S.as_dict(), "models": ("conv_vae",)})))
     line = nb.launch_command(S, run)
     env = dict(part.split("=", 1) for part in shlex.split(line[:-len(" ./reproduce.sh")]))
     alone = nb.resolve_settings(notebook_parameters(), env, cuda_available=False)
@@ -92,7 +101,7 @@ def test_a_run_with_the_main_runs_settings_is_the_main_run(nb, settings, tiny_da
     main = {"conv_vae": ("main trained", "main evaluation")}
     assert nb.is_main_run(S, same, main) and not nb.is_main_run(S, other, main)
     assert not nb.is_main_run(S, same, {})  # a model the main run did not train is trained by the study
-    monkeypatch.setitem(nb.STUDIES, "beta", lambda S: [same])
+    monkeypatch.setitem(nb.STUDIES, "beta", nb.Study("beta", lambda S, **sizes: [same], plot=None))
     monkeypatch.setattr(nb, "train_model", lambda *a: pytest.fail("the main run's model was retrained"))
     assert nb.run_study("beta", S, tiny_data, None, main) == [(same, "main trained", "main evaluation")]
     commands = (nb.Path(S.results_dir) / "experiments" / "beta" / "commands.sh").read_text()
@@ -123,7 +132,7 @@ def test_findings_name_the_metric_and_threshold(nb):
     rows = [row("real data", "recall_test_vs_train", 0.8), row("raw pixels", "probe_accuracy", 0.3),
             row("gan_a", "fid", 30.0, n=1000), row("gan_a", "fid_best", 20.0), row("gan_a", "best_epoch", 2),
             row("gan_a", "classes_covered", 2), row("gan_a", "recall", 0.1),
-            row("vae_a", "fid", 90.0, n=1000), row("vae_a", "active_units", 3, note="of 64; Var(μ) > 0.01"),
+            row("vae_a", "fid", 90.0, n=1000), row("vae_a", "active_units", 3), row("vae_a", "latent_dim", 64),
             row("vae_a", "probe_accuracy", 0.45), row("vae_a", "classes_covered", 9), row("vae_a", "recall", 0.5),
             row("gan_a", "loss_g_instability", 0.4), row("gan_b", "loss_g_instability", 0.05)]
     seeds = {"seeds": [{"model": "gan_a", "fid": 31.0, "fid_ci95": 2.5, "fid_n": 3}]}
@@ -151,7 +160,7 @@ def experiment_run(nb, tmp_path_factory):
     trained = {n: nb.train_model(n, S, tiny_data, reference) for n in nb.selected_models(S)}
     evaluations = {n: nb.evaluate_or_reuse(t, tiny_data, reference, S) for n, t in trained.items()}
     sanity = nb.sanity_rows(tiny_data, reference, S)
-    studies = {name: nb.run_study(name, S, tiny_data, reference) for name in S.experiments}
+    studies = {name: nb.run_study(name, S, tiny_data, reference) for name in nb.selected_studies(S)}
     nb.write_report(sanity, evaluations, trained, reference, tiny_data, S, studies)
     yield S, reference
     patch.undo()
@@ -193,7 +202,14 @@ def test_each_study_writes_its_table_and_figure(nb, experiment_run, tiny_data):
         assert [r["run"] for r in table] == [r.name for r, _, _ in runs]
     summary = list(csv.DictReader(open(nb.Path(S.results_dir) / "experiments" / "seeds" / "summary.csv")))
     dcgan = next(line for line in summary if line["model"] == "dcgan")
-    assert dcgan["fid_n"] == "3" and len(dcgan["fid_values"].split()) == 3 and float(dcgan["fid_ci95"]) >= 0
+    values = [float(v) for v in dcgan["fid_values"].split()]
+    assert dcgan["fid_n"] == "3" and len(values) == 3
+    assert float(dcgan["fid"]) == pytest.approx(sum(values) / 3, rel=1e-5)   # mean ± t_{0.975,2} · s/√3
+    s = math.sqrt(sum((v - sum(values) / 3) ** 2 for v in values) / 2)
+    assert float(dcgan["fid_ci95"]) == pytest.approx(4.302653 * s / math.sqrt(3), rel=1e-4)
+
+
+NUMBER = r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])"
 
 
 def test_every_number_in_the_report_comes_from_a_results_file(nb, experiment_run):
@@ -209,13 +225,14 @@ def test_every_number_in_the_report_comes_from_a_results_file(nb, experiment_run
         for r in csv.DictReader(open(path)):
             for v in r.values():
                 known.add(str(v))
+                known.update(re.findall(NUMBER, str(v)))  # numbers quoted inside a text field (notes, protocols)
                 try:
                     known.add(nb.fmt(float(v)))
                     known.add(nb.fmt(int(v)))
                 except (TypeError, ValueError):
                     pass
     body = report.split("## Comparison", 1)[1].split("## Figures", 1)[0]
-    numbers = re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])", body)
+    numbers = re.findall(NUMBER, body)
     assert numbers
     missing = [x for x in numbers if x not in known and x not in ("10", "25", "0.25", "1", "2", "3")]  # thresholds, epochs
     assert not missing, missing
@@ -257,7 +274,7 @@ def test_fit_stops_early_and_a_rerun_does_not_train_on(nb, settings, tiny_data, 
 
 
 def test_grid_study_runs_latent_sizes_by_hyperparameter_sets_with_early_stopping(nb, settings, tiny_data):
-    runs = nb.STUDIES["grid"](settings())
+    runs = nb.study_runs("grid", settings())
     assert len(runs) == 9 and {dict(r.overrides)["LATENT_DIM"] for r in runs} == {64, 128, 256}
     assert all(dict(r.overrides)["PATIENCE"] == 2 for r in runs)
     R = nb.run_settings(settings(), runs[-1])

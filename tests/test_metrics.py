@@ -1,4 +1,6 @@
 """Metric math on constructed inputs with known answers (no Inception network needed)."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,64 @@ def test_an_unavailable_value_becomes_an_honest_row(nb):
     row = nb.metric_row("m", "fid", nb.attempt(lambda: nb.fid_from_features(np.zeros((1, 3)), np.zeros((5, 3)))),
                         n=1, note="k=3")
     assert row["value"] is None and row["note"].startswith("unavailable: N=1 too small for FID") and "k=3" in row["note"]
+
+
+def test_f1_is_the_harmonic_mean_of_precision_and_recall(nb):
+    assert nb.f1_score(0.5, 1.0) == pytest.approx(2 / 3)
+    assert nb.f1_score(0.2, 0.8) == pytest.approx(0.32)
+    assert nb.f1_score(0.0, 0.0) == 0.0
+    why = nb.Unavailable("N=3 too small")
+    assert nb.f1_score(why, why) is why
+
+
+def test_gaussian_kl_against_its_closed_form(nb):
+    mu = torch.tensor([[0.0, 1.0, -2.0], [0.5, 0.0, 0.0]])
+    logvar = torch.tensor([[0.0, 0.0, 0.0], [math.log(4.0), math.log(0.25), 0.0]])
+    posterior = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    expected = torch.distributions.kl_divergence(posterior, torch.distributions.Normal(0.0, 1.0)).sum(1)
+    assert torch.allclose(nb.kl_to_standard_normal(mu, logvar), expected, atol=1e-6)
+    # by hand, second image: ½ Σ (μ² + σ² − 1 − log σ²) = ½ (0.25 + 4 − 1 − log 4 + 0.25 − 1 + log 4)
+    assert float(nb.kl_to_standard_normal(mu, logvar)[1]) == pytest.approx(1.25, abs=1e-6)
+    assert float(nb.kl_to_standard_normal(mu, logvar)[0]) == pytest.approx(2.5, abs=1e-6)   # ½ (1 + 4)
+
+
+def test_reparameterised_samples_have_the_posteriors_moments(nb):
+    torch.manual_seed(0)
+    mu, logvar = torch.full((20000, 2), 3.0), torch.full((20000, 2), math.log(0.25))
+    z = nb.reparameterise(mu, logvar)
+    assert float(z.mean()) == pytest.approx(3.0, abs=0.01) and float(z.std()) == pytest.approx(0.5, abs=0.01)
+
+
+REAL_LOGITS, FAKE_LOGITS = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+softplus = lambda x: math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize("name, d_expected, g_expected", [
+    # −log σ(D(x)) = softplus(−D(x)); −log(1 − σ(D(G(z)))) = softplus(D(G(z)))
+    ("bce", (softplus(-2.0) + softplus(1.0)) / 2 + (softplus(0.5) + softplus(-3.0)) / 2,
+     (softplus(-0.5) + softplus(3.0)) / 2),
+    # hinge: mean(max(0, 1 − [2, −1])) = (0 + 2) / 2; mean(max(0, 1 + [0.5, −3])) = (1.5 + 0) / 2
+    ("hinge", 1.0 + 0.75, 1.25),
+    # Wasserstein critic: mean D(G(z)) − mean D(x) = −1.25 − 0.5
+    ("wgan", -1.75, 1.25),
+])
+def test_gan_losses_on_known_logits(nb, name, d_expected, g_expected):
+    d_loss, g_loss = nb.GAN_LOSSES[name]
+    assert float(d_loss(REAL_LOGITS, FAKE_LOGITS)) == pytest.approx(d_expected, rel=1e-6)
+    assert float(g_loss(FAKE_LOGITS)) == pytest.approx(g_expected, rel=1e-6)
+
+
+def test_an_unknown_gan_loss_fails_when_the_model_is_built(nb):
+    with pytest.raises(ValueError, match="GAN loss 'hing' is unknown: use one of bce, hinge, wgan"):
+        nb.GAN(nn_linear(), nn_linear(), 4, loss="hing")
+
+
+def nn_linear():
+    return torch.nn.Linear(4, 4)
+
+
+def test_every_table_selects_defined_metrics(nb):
+    for table in ("comparison", "report", "compute", "study", "seeds"):
+        assert nb.metrics_in(table), table
+    assert len({m.label for m in nb.METRICS.values()}) == len(nb.METRICS)  # a label names one metric
+    assert all(m.better in ("lower", "higher", "") for m in nb.METRICS.values())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nbmodule import NOTEBOOK, load_notebook
+from nbmodule import load_notebook
 
 NBMODULE = str(Path(__file__).parent / "nbmodule.py")
 SMOKE = {"PROFILE": "smoke", "MODELS": "all", "DEVICE": "cpu", "DFC_NETWORK": "cnn"}
@@ -63,9 +63,12 @@ def test_promised_results_exist_and_are_well_formed(run):
     assert all(0 <= float(r["accuracy"]) <= 1 for r in probe)
     fid_rows = [line.split("\t") for line in (results / "fid.txt").read_text().splitlines() if not line.startswith("#")]
     fids = {(r[0], r[1]): r for r in fid_rows}
+    metrics = {(r["model"], r["metric"]): r for r in read_csv(results / "metrics.csv")}
     for model in ("dcgan", "conv_vae", "real data"):
-        row = fids[(model, "fid" if model != "real data" else "fid_train_vs_test")]
-        assert float(row[2]) >= 0 and row[3].startswith("samples=") and row[4].startswith("reference=")
+        key = (model, "fid" if model != "real data" else "fid_train_vs_test")
+        row = fids[key]  # fid.txt says what metrics.csv says, with its sample count and reference
+        assert float(row[2]) == pytest.approx(float(metrics[key]["value"]), abs=5e-4)
+        assert row[3] == f"samples={metrics[key]['n_samples']}" and row[4] == f"reference={metrics[key]['reference']}"
     for name in ("vae_model.pth", "gan_model.pth", "vqvae.pth"):
         state = torch.load(root / "checkpoints" / name, weights_only=True)
         assert state and all(torch.is_tensor(v) for v in state.values())
@@ -79,6 +82,7 @@ def test_metrics_cover_every_model(run):
     results = run[0] / "results"
     rows = read_csv(results / "metrics.csv")
     assert list(rows[0]) == load_notebook().METRIC_COLUMNS
+    assert {r["metric"] for r in rows} <= set(load_notebook().METRICS)  # every metric written has its record
     models = set(load_notebook().MODEL_REGISTRY)
     by_model = {}
     for r in rows:
@@ -90,7 +94,10 @@ def test_metrics_cover_every_model(run):
                        "class_kl_uniform", "diversity", "parameters", "train_seconds", "images_per_s"):
             assert metric in m, (name, metric)
         assert m["fid"]["n_samples"] == "16" and m["fid"]["profile"] == "smoke" and m["fid"]["seed"] == "42"
-        assert m["is"]["value"] != "" or "unavailable" in m["is"]["note"]
+        if m["is"]["value"] == "":  # offline: no classifier head, and the row says so
+            assert m["is"]["note"].startswith("unavailable: no Inception classifier head")
+        else:
+            assert 1.0 <= float(m["is"]["value"]) <= 16  # exp(KL) of 16 samples' predictions is at most 16
         assert len(json.loads(m["class_histogram"]["value"])) == 10
         (results / name / "samples.png").stat()
     for vae in ("conv_vae", "sigma_vae", "fc_vae", "resnet_vae", "dfc_vae", "mlp_vae"):
@@ -107,6 +114,10 @@ def test_metrics_cover_every_model(run):
     assert "fid_train_vs_test" in by_model["real data"]
     comparison = read_csv(results / "comparison.csv")
     assert {r["model"] for r in comparison} == models
+    labels = [m.label for m in load_notebook().metrics_in("comparison")]
+    assert list(comparison[0])[1:len(labels) + 1] == labels
+    dcgan = next(r for r in comparison if r["model"] == "dcgan")
+    assert float(dcgan["FID"]) == float(by_model["dcgan"]["fid"]["value"])
     assert "| model |" in (results / "comparison.md").read_text()
     assert "| model | metric |" in (results / "metrics.md").read_text()
 

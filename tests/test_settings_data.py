@@ -3,10 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from nbmodule import notebook_parameters
 
@@ -45,7 +42,6 @@ def test_environment_overrides_parameters(nb):
     ({"VAE_SIGMA": "learned"}, "VAE_SIGMA"),
     ({"TRACK_SAMPLES": "1"}, "TRACK_SAMPLES"),
     ({"OPTIMIZER": "lamb"}, "OPTIMIZER"),
-    ({"EXPERIMENTS": "betas"}, "EXPERIMENTS"),
     ({"LATENT_DIM": "0"}, "LATENT_DIM"),
     ({"LR": "nan"}, "LR"),
     ({"PATIENCE": "-2"}, "PATIENCE"),
@@ -96,6 +92,14 @@ def test_preflight_cli_exits_2_with_one_line(tmp_path):
     out = preflight_cli({"PROFILE": "nope"}, cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: PROFILE='nope' is unknown: use one of auto, smoke, quick, full, paper"]
+
+
+def test_preflight_names_an_unknown_study_in_one_line(tmp_path):
+    out = preflight_cli({"PROFILE": "smoke", "EXPERIMENTS": "beta,betas", "RESULTS_DIR": str(tmp_path / "r"),
+                         "CHECKPOINT_DIR": str(tmp_path / "c"), "FIGURES_DIR": str(tmp_path / "f")}, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: EXPERIMENTS='beta,betas' names unknown studies betas: use none, "
+                                               "all or a comma list of beta, grid, optimizers, seeds"]
 
 
 def test_preflight_offline_cifar_unwritable_results_and_bad_checkpoint_dir(tmp_path):
