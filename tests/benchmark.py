@@ -10,6 +10,9 @@
 2. Inception: images/s of our feature pipeline against pytorch-fid's own model called the way its
    `get_activations` does.
 3. Metrics: seconds for FID, KID and precision/recall at two feature counts (random 2048-d features).
+4. Precision (`--only precision`): what AMP=bf16 changes in a short training trajectory — the same model, initial
+   weights, batches and noise trained `--steps` steps in fp32 and under bf16 autocast; reported: how far the
+   bf16 weights end from the fp32 ones, relative to how far training moved them, and the mean loss gap.
 
 Everything printed is also written to RESULTS_DIR/benchmark.csv with the device and date.
 """
@@ -37,13 +40,15 @@ def timed(fn):
 
 
 def plain_gan_epoch(model, x, batch_size, loss, n_critic=1, gp=0.0):
-    """pytorch/examples dcgan-style: per batch one D step, and a G step every n_critic batches."""
+    """pytorch/examples dcgan-style: per batch one D step, and a G step every n_critic batches — with the model's
+    own augmentation of real images and fresh generator noise (g_batch × the batch), as the engine does."""
     G, D, opt_g, opt_d = model.generator, model.discriminator, model.optimizers["g"], model.optimizers["d"]
     perm = torch.randperm(len(x), device=x.device)
     for i, start in enumerate(range(0, len(x) - batch_size + 1, batch_size)):
-        real = x[perm[start:start + batch_size]].float() / 127.5 - 1
-        fake = G(torch.randn(batch_size, model.latent_dim, device=x.device))
-        d_real, d_fake = D(real), D(fake.detach())
+        real = model.augment_real(x[perm[start:start + batch_size]].float() / 127.5 - 1)
+        with torch.no_grad():
+            fake = G(torch.randn(batch_size, model.latent_dim, device=x.device))
+        d_real, d_fake = D(real), D(fake)
         if loss == "bce":
             loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
                 F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
@@ -53,14 +58,14 @@ def plain_gan_epoch(model, x, batch_size, loss, n_critic=1, gp=0.0):
             loss_d = d_fake.mean() - d_real.mean()
         if gp:
             eps = torch.rand(batch_size, 1, 1, 1, device=x.device)
-            mixed = (eps * real + (1 - eps) * fake.detach()).requires_grad_(True)
+            mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
             grad, = torch.autograd.grad(D(mixed).sum(), mixed, create_graph=True)
             loss_d = loss_d + gp * (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
         opt_d.zero_grad()
         loss_d.backward()
         opt_d.step()
-        if (i + 1) % n_critic == 0:
-            out = D(fake)
+        if (i + 1) % n_critic == 0:  # fresh noise, g_batch × the batch, as the configurations say
+            out = D(G(torch.randn(model.g_batch * batch_size, model.latent_dim, device=x.device)))
             loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out)) if loss == "bce" else -out.mean()
             opt_g.zero_grad()
             loss_g.backward()
@@ -175,11 +180,40 @@ def print_row(row):
     print(f"{row['what']:48s} {speeds}{ratio}", flush=True)
 
 
+def bench_precision(nb, S, data, names, steps):
+    """bf16 autocast against fp32 over `steps` training steps from the same state (see the module text)."""
+    rows, x = [], data.train_x[:steps * S.batch_size].to(S.device)
+    for name in names:
+        runs = {}
+        for amp in (False, True):
+            model = nb.build_model(name, S, data)
+            model.amp = amp
+            start = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+            torch.manual_seed(1)
+            losses = [{k: float(v) for k, v in model.train_step(x[i * S.batch_size:(i + 1) * S.batch_size]).items()}
+                      for i in range(steps)]
+            runs[amp] = model, start, losses
+        fp32, start, loss32 = runs[False]
+        bf16, _, loss16 = runs[True]
+        moved = sum((v.float() - start[k]).pow(2).sum() for k, v in fp32.state_dict().items() if k in start).sqrt()
+        apart = sum((v.float() - bf16.state_dict()[k].float()).pow(2).sum()
+                    for k, v in fp32.state_dict().items() if k in start).sqrt()
+        key = "loss_d" if "loss_d" in loss32[0] else "loss"
+        gap = statistics.mean(abs(a[key] - b[key]) / max(1e-8, abs(a[key])) for a, b in zip(loss32, loss16))
+        rows.append({"section": "precision", "name": name, "steps": steps, "bf16_apart_over_moved": float(apart / moved),
+                     f"mean_relative_{key}_gap": gap})
+        print(f"precision {name:14s} after {steps} steps: bf16 weights are {float(apart / moved):.3f} × the fp32 "
+              f"run's distance travelled apart from fp32; mean relative {key} gap {gap:.4f}")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=0, help="training images (default 4096 CPU / 16384 CUDA)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: training, inception, metrics")
+    parser.add_argument("--only", default="", help="run only this section: training, inception, metrics, precision")
+    parser.add_argument("--steps", type=int, default=50, help="training steps of the precision section")
     args = parser.parse_args()
     nb = load_notebook()
     import os
@@ -199,7 +233,8 @@ def main():
              for name in nb.MODEL_REGISTRY if nb.MODEL_REGISTRY[name].family == "image"}
     largest = max((n for n in sizes if n in ("conv_vae", "fc_vae", "resnet_vae") or "gan" in n), key=sizes.get)
     names = list(dict.fromkeys(["dcgan", "conv_vae", "wgan_gp", "sn_dcgan", largest]))
-    skip = set(args.skip.split(","))
+    sections = ("training", "inception", "metrics", "precision")
+    skip = set(sections) - {args.only} if args.only else set(args.skip.split(",")) | {"precision"}
     rows = []
     if "training" not in skip:
         rows += bench_training(nb, S, data, names, args.repeats)
@@ -207,6 +242,8 @@ def main():
         rows += bench_inception(nb, S, 2000 if cuda else 100)
     if "metrics" not in skip:
         rows += bench_metrics(nb, S, (10000, 50000) if cuda else (2000, 10000))
+    if "precision" not in skip:
+        rows += bench_precision(nb, S, data, names, args.steps)
     for row in rows:
         row.update(device=device, date=time.strftime("%Y-%m-%d"))
     nb.write_csv(Path(S.results_dir) / "benchmark.csv", rows)

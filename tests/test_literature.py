@@ -110,7 +110,8 @@ def test_best_checkpoint_is_kept_and_reported_beside_the_final_weights(nb, setti
     assert (best["epoch"], best["metric"], best["value"]) == (2, "track_kid", 0.2)
     rows = {r["metric"]: r for r in nb.evaluate_model(trained, tiny_data, reference, S).rows}
     assert rows["best_epoch"]["value"] == 2 and str(tiny_data.train_x.shape[0] // 16 * 16 * 2) in rows["best_epoch"]["note"]
-    assert rows["fid_best"]["weights"] == "best, epoch 2" and rows["fid"]["weights"].startswith("final, epoch 3")
+    assert rows["fid_best"]["weights"] == "best, epoch 2, raw generator (GAN_EMA=0)"   # which weights sampled
+    assert rows["fid"]["weights"].startswith("final, epoch 3") and best["weights"] == "raw generator (GAN_EMA=0)"
     assert rows["fid_best"]["value"] != rows["fid"]["value"]                  # other weights, other samples
     assert torch.equal(next(trained.model.parameters()),                     # the final weights are back
                        nb.read_checkpoint(nb.Path(S.checkpoint_dir) / "dcgan" / "last.pt")["model"]["generator.1.weight"])
