@@ -16,7 +16,8 @@ from nbmodule import notebook_parameters
 def test_experiments_setting_names_studies(nb, settings):
     chosen = lambda **env: nb.selected_studies(settings(**env))
     assert chosen() == ()                      # smoke: none unless asked
-    assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64) == ("beta", "seeds")  # the CPU subset
+    assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64) == ()   # quick's 30 minutes: the comparison only
+    assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64, EXPERIMENTS="beta,seeds") == ("beta", "seeds")
     assert chosen(PROFILE="full", N_TRAIN=5000, BATCH_SIZE=64) == ("beta", "grid", "optimizers", "seeds")
     assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64, EXPERIMENTS="none") == ()
     assert chosen(EXPERIMENTS="all") == tuple(nb.STUDIES) == ("beta", "grid", "optimizers", "seeds")
@@ -31,7 +32,7 @@ def test_every_study_has_a_plot_and_every_profile_sizes_only_registered_studies(
         assert callable(record.runs) and callable(record.plot), record.name
     for name, profile in nb.PROFILES.items():
         assert set(profile.study_sizes) <= set(nb.STUDIES) and set(profile.experiments) <= set(nb.STUDIES), name
-        assert set(profile.leave_out) <= set(nb.MODEL_REGISTRY), name
+        assert all(set(names) <= set(nb.MODEL_REGISTRY) for names in profile.models.values()), name
 
 
 def test_each_study_is_a_list_of_runs_with_overrides(nb, settings):
@@ -141,11 +142,40 @@ def test_findings_name_the_metric_and_threshold(nb):
     assert "vae_a's encoder gives the best linear probe, 0.45 (raw pixels: 0.3)" in text
     lines = nb.findings(rows, seeds, 10)
     assert "Posterior collapse (active_units; threshold: < 10 % of the latent units active): vae_a 3 of 64." in lines
-    assert "Mode collapse (classes_covered; threshold: ≤ half of the 10 classes): gan_a 2." in lines
+    assert ("Mode collapse (classes_covered; threshold: ≤ half of the 10 classes, of samples the mode classifier can "
+            "read): gan_a 2.") in lines
     assert "Low diversity (recall; threshold: < 25 % of the real data's 0.8): gan_a 0.1." in lines
     assert "Unstable training (loss_g_instability; threshold: > 0.25): gan_a 0.4." in lines  # not gan_b's 0.05
     assert ("Got worse late (FID at the end vs FID of the best checkpoint; threshold: > 10 % worse): gan_a 30 at "
             "the end vs 20 at epoch 2.") in lines
+
+
+def test_few_classes_of_unreadable_samples_is_blur_not_mode_collapse(nb):
+    rows = [row("real data", "class_confidence", 0.8), row("blurry", "classes_covered", 3),
+            row("blurry", "class_confidence", 0.3), row("collapsed", "classes_covered", 2),
+            row("collapsed", "class_confidence", 0.9)]
+    lines = nb.findings(rows, {}, 10)
+    assert ("Mode collapse (classes_covered; threshold: ≤ half of the 10 classes, of samples the mode classifier "
+            "can read): collapsed 2.") in lines
+    assert ("Unreadable samples — blur, not mode collapse (class_confidence; threshold: < 0.5 × the real test "
+            "images' 0.8): blurry 0.3.") in lines
+
+
+def test_failure_modes_are_judged_only_at_a_useful_budget(nb):
+    rows = [row("gan_a", "classes_covered", 2), row("gan_a", "budget_share", 0.25)]
+    assert nb.findings(rows, {}, 10)[-1] == ("No failure-mode findings: every model trained below its profile's "
+                                            "budget (budget_share < 1).")
+    assert nb.findings(rows[:1], {}, 10, judges=False)[-1].startswith("No failure-mode findings: this profile")
+    assert any(line.startswith("Mode collapse") for line in nb.findings(rows[:1], {}, 10))
+
+
+def test_the_headline_sets_ours_beside_the_reference_projects_expectations(nb):
+    rows = [row("conv_vae", "probe_accuracy", 0.47, n=10000), row("dcgan", "fid", 140.0, n=1000)]
+    lines = nb.findings(rows, {}, 10, expected=nb.REFERENCE_EXPECTATIONS)
+    assert "conv_vae's probe_accuracy is 0.47 (N = 10000); reference project 000 expected 0.45–0.55: inside that " \
+           "range." in lines
+    assert any(line.startswith("dcgan's fid is 140 (N = 1000)") and line.endswith("outside that range.")
+               for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -273,10 +303,15 @@ def test_fit_stops_early_and_a_rerun_does_not_train_on(nb, settings, tiny_data, 
     assert len(again.history) == 4 and "stopped early at epoch 4" in capsys.readouterr().out
 
 
-def test_grid_study_runs_latent_sizes_by_hyperparameter_sets_with_early_stopping(nb, settings, tiny_data):
+def test_grid_study_is_reference_003s_parameter_sets_with_its_early_stopping(nb, settings, tiny_data):
     runs = nb.study_runs("grid", settings())
-    assert len(runs) == 9 and {dict(r.overrides)["LATENT_DIM"] for r in runs} == {64, 128, 256}
-    assert all(dict(r.overrides)["PATIENCE"] == 2 for r in runs)
+    assert [r.name for r in runs] == [f"{m}-{p}" for m in ("conv_vae", "fc_vae") for p in ("p1", "p2", "p3")]
+    sets = {r.name: dict(r.overrides) for r in runs}
+    assert [(sets[f"fc_vae-{p}"]["BATCH_SIZE"], sets[f"fc_vae-{p}"]["LR"], sets[f"fc_vae-{p}"]["LATENT_DIM"])
+            for p in ("p1", "p2", "p3")] == [(64, 1e-3, 128), (128, 5e-4, 128), (64, 5e-4, 256)]
+    assert all((o["PATIENCE"], o["MIN_DELTA"]) == (5, 0.5) and "EPOCHS" not in o for o in sets.values())
     R = nb.run_settings(settings(), runs[-1])
-    model = nb.build_model("conv_vae", R, tiny_data)
-    assert model.latent_dim == 256 and model.optimizers["vae"].param_groups[0]["lr"] == 2e-3 and R.batch_size == 32
+    model = nb.build_model("fc_vae", R, tiny_data)
+    assert model.latent_dim == 256 and model.optimizers["vae"].param_groups[0]["lr"] == 5e-4 and R.batch_size == 64
+    full = nb.Settings(**{**settings().as_dict(), "profile": "full"})
+    assert all(dict(r.overrides)["EPOCHS"] == 60 for r in nb.study_runs("grid", full))  # room to stop early

@@ -66,8 +66,8 @@ def test_generator_step_budgets_become_epochs(nb, settings):
     S = settings(BATCH_SIZE=64)
     quick = nb.Settings(**{**S.as_dict(), "profile": "quick", "epochs": 0})
     assert nb.model_epochs("sngan_resnet", quick, 8000, n_critic=5) == math.ceil(25 * 5 / 125)
-    assert nb.model_epochs("dcgan", quick, 8000) == 8
-    assert nb.model_epochs("conv_vae", quick, 8000) == 6                       # VAEs count epochs
+    assert nb.model_epochs("dcgan", quick, 8000) == 32                         # ⌈4000 / 125 batches⌉
+    assert nb.model_epochs("conv_vae", quick, 8000) == 8                       # VAEs count epochs
     assert nb.model_epochs("dcgan", nb.Settings(**{**quick.as_dict(), "epochs": 3}), 8000) == 3   # EPOCHS wins
     paper = nb.Settings(**{**quick.as_dict(), "profile": "paper", "models": ()})
     assert nb.budget_text("sngan_resnet", paper) == "100000 G steps"
