@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # ./reproduce.sh        set up .venv, check, then execute notebook.ipynb headless → results/notebook.executed.ipynb
 # ./reproduce.sh test   set up .venv, lint the notebook and tests (ruff), then run the test suite
+# ./reproduce.sh train  training and checkpoints only (no Inception, no Jupyter; PYTHON=python3 skips .venv)
+# ./reproduce.sh evaluate  evaluation and report from existing checkpoints
+# ./reproduce.sh gpu-check [--minutes 10]  on one GPU: devices, speeds, then train the flagships for the time left
+# ./reproduce.sh plan   set up .venv, then print the run's plan and its estimated cost (trains nothing)
 # ./reproduce.sh bench  set up .venv, then benchmark training (vs a plain loop), Inception and metrics on this device
 # Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
 set -euo pipefail
@@ -26,7 +30,11 @@ setup() {
   fi
 }
 
-setup
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON  # a prepared interpreter (a GPU node without internet): no .venv, nothing installed
+else
+  setup
+fi
 case "${1:-run}" in
   test)
     shift || true
@@ -34,6 +42,25 @@ case "${1:-run}" in
     "$VENV/bin/ruff" check --quiet --select E,F,W --ignore E731 --line-length 120 notebook.ipynb
     "$VENV/bin/ruff" check --quiet --select E,F,W --ignore E731 --line-length 140 tests
     exec "$PY" -m pytest tests "$@"
+    ;;
+  train)
+    # training and checkpoints only: no Inception, no Jupyter (every code cell run as one script)
+    export STAGE=train
+    "$PY" tests/nbmodule.py --preflight || exit 2
+    exec "$PY" tests/nbmodule.py --script
+    ;;
+  evaluate)
+    # evaluation and report from the checkpoints a train stage left (any machine, the same settings)
+    export STAGE=evaluate
+    "$PY" tests/nbmodule.py --preflight || exit 2
+    exec "$PY" tests/nbmodule.py --run
+    ;;
+  gpu-check)
+    shift || true
+    exec "$PY" tests/gpu_check.py "$@"
+    ;;
+  plan)
+    exec "$PY" tests/nbmodule.py --plan
     ;;
   bench)
     exec "$PY" tests/benchmark.py "${@:2}"
@@ -45,7 +72,7 @@ case "${1:-run}" in
     exec "$PY" tests/nbmodule.py --run
     ;;
   *)
-    echo "usage: ./reproduce.sh [test [pytest args] | bench [N]]" >&2
+    echo "usage: ./reproduce.sh [train | evaluate | plan | gpu-check [args] | test [pytest args] | bench [args]]" >&2
     exit 2
     ;;
 esac

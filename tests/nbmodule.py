@@ -6,6 +6,9 @@
 
     python tests/nbmodule.py --preflight   # settings, folders, lock, data, checkpoints: one line per problem, exit 2
     python tests/nbmodule.py --run         # execute notebook.ipynb headless with live output (see run_notebook)
+    python tests/nbmodule.py --script      # every code cell in order as one script: no Jupyter packages needed
+    python tests/nbmodule.py --plan        # the run's plan and estimated cost; trains nothing
+    python tests/nbmodule.py --split FILE DIR [MB] / --join DIR/FILE.parts.json   # weights in parts ≤ MB
     python tests/nbmodule.py --settings-table   # the README's settings table, from the parameters cell
 
 Each export cell is compiled under its own name, `notebook.ipynb:cell 12 (def resolve_settings)`, so a
@@ -13,6 +16,7 @@ traceback says which cell broke.
 """
 import linecache
 import os
+import re
 import signal
 import sys
 import time
@@ -20,13 +24,14 @@ import types
 from functools import lru_cache
 from pathlib import Path
 
-import nbformat
-
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebook.ipynb"
 
 
 def _cells(path):
-    return nbformat.read(str(path), as_version=4).cells
+    """The notebook's cells, read as plain JSON: no Jupyter package is needed to import or run the notebook."""
+    import json
+    return [types.SimpleNamespace(cell_type=c["cell_type"], source="".join(c["source"]),
+                                  metadata=c.get("metadata", {})) for c in json.loads(Path(path).read_text())["cells"]]
 
 
 def cell_name(path, index, source):
@@ -87,6 +92,103 @@ def preflight(environ=None):
     return 0
 
 
+WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
+
+
+def without_warnings(text, state):
+    """The kernel's stderr without Python warnings (`file:line: SomeWarning: …` and the source line under it):
+    the terminal shows the run's own lines; run.log keeps the warnings."""
+    out = []
+    for line in text.splitlines(True):
+        if WARNING_LINE.match(line):
+            state["source_line_next"] = True
+        elif state.pop("source_line_next", False) and line.startswith("  "):
+            pass
+        else:
+            out.append(line)
+    return "".join(out)
+
+
+def run_script(path=NOTEBOOK):
+    """Every code cell in order in one namespace, as a plain script (a GPU node with torch and the scientific
+    stack but no Jupyter can run STAGE=train). A UserError ends in its one line and exit 2."""
+    namespace = {"__name__": "__main__"}
+    try:
+        for index, cell in enumerate(_cells(path)):
+            if cell.cell_type == "code":
+                name = cell_name(path, index, cell.source)
+                linecache.cache[name] = (len(cell.source), None, cell.source.splitlines(True), name)
+                exec(compile(cell.source, name, "exec"), namespace)
+    except Exception as err:
+        if type(err).__name__ in ("UserError", "SettingsError"):
+            for line in str(err).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def split_file(path, out_dir, part_mb=16):
+    """Cut a file (trained weights) into parts of at most part_mb MiB plus a manifest with every part's SHA-256,
+    so it can travel where files are size-limited; join_parts puts it back together."""
+    import hashlib
+    import json
+    path, out_dir, size = Path(path), Path(out_dir), int(part_mb * 2 ** 20)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data, parts = path.read_bytes(), []
+    for k, start in enumerate(range(0, max(len(data), 1), size)):
+        chunk, name = data[start:start + size], f"{path.name}.part{k:03d}"
+        (out_dir / name).write_bytes(chunk)
+        parts.append({"name": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
+    manifest = out_dir / f"{path.name}.parts.json"
+    manifest.write_text(json.dumps({"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                    "parts": parts}, indent=1))
+    return manifest
+
+
+def join_parts(manifest, out_dir=None):
+    """The file a manifest describes, rebuilt from its parts beside it; every part and the whole are checked
+    against their SHA-256 (a missing or altered part is refused, naming it) and written atomically."""
+    import hashlib
+    import json
+    manifest = Path(manifest)
+    spec = json.loads(manifest.read_text())
+    data = b""
+    for part in spec["parts"]:
+        chunk = (manifest.parent / part["name"]).read_bytes()
+        if hashlib.sha256(chunk).hexdigest() != part["sha256"]:
+            raise ValueError(f"{part['name']}: contents differ from the manifest; copy it again")
+        data += chunk
+    if hashlib.sha256(data).hexdigest() != spec["sha256"]:
+        raise ValueError(f"{manifest}: the joined parts are not the file it describes")
+    target = Path(out_dir or manifest.parent) / Path(spec["file"]).name
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
+def plan_cli(environ=None):
+    """./reproduce.sh plan: the run's plan (budgets, estimated seconds, evaluation images, studies) printed and
+    written to RESULTS_DIR/plan.md; nothing is trained."""
+    nb = load_notebook()
+    try:
+        S = nb.resolve_settings(notebook_parameters(), os.environ if environ is None else environ)
+        data = nb.load_dataset(S)
+        plan = nb.plan_run(S, data, nb.selected_models(S), nb.selected_studies(S))
+    except nb.UserError as err:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    text = nb.plan_text(plan, S)
+    nb.write_text(Path(S.results_dir) / "plan.md", text)
+    print(text, end="")
+    return 0
+
+
 def run_notebook(results_dir, path=NOTEBOOK):
     """Execute the notebook through nbconvert, printing the kernel's output as it comes (and to run.log).
 
@@ -94,20 +196,26 @@ def run_notebook(results_dir, path=NOTEBOOK):
     terminal output with one line `error: ...` (exit 2 for a mistake the user can fix, 1 otherwise); the
     traceback is in run.log and in the executed notebook. The kernel exits with this process, even on kill -9.
     """
+    import nbformat
     from nbconvert.preprocessors import CellExecutionError, ExecutePreprocessor
 
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    log = open(results / "run.log", "a", buffering=1)
+    # never through a link (the preflight refuses links in the output folders; this is the second guard)
+    log = os.fdopen(os.open(results / "run.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644),
+                    "a", buffering=1)
     log.write(f"\n=== run started {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n")
+
+    warning_state = {}
 
     class LiveExecutor(ExecutePreprocessor):
         def output(self, outs, msg, display_id, cell_index):
             if msg["msg_type"] == "stream":
                 text = msg["content"]["text"]
-                (sys.stderr if msg["content"]["name"] == "stderr" else sys.stdout).write(text)
+                shown = text if msg["content"]["name"] != "stderr" else without_warnings(text, warning_state)
+                (sys.stderr if msg["content"]["name"] == "stderr" else sys.stdout).write(shown)
                 sys.stdout.flush()
-                log.write(text)
+                log.write(text)  # run.log keeps everything, third-party warnings included
             return super().output(outs, msg, display_id, cell_index)
 
         def start_new_kernel(self, **kwargs):
@@ -139,7 +247,10 @@ def run_notebook(results_dir, path=NOTEBOOK):
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         code = 130
     finally:
-        nbformat.write(notebook, str(results / "notebook.executed.ipynb"))
+        executed = results / "notebook.executed.ipynb"
+        tmp = results / f".notebook.executed.{os.getpid()}.tmp"
+        nbformat.write(notebook, str(tmp))
+        os.replace(tmp, executed)  # replaces a link there, never writes through it
         log.close()
     return code
 
@@ -147,6 +258,14 @@ def run_notebook(results_dir, path=NOTEBOOK):
 if __name__ == "__main__":
     if sys.argv[1:] in (["--preflight"], ["--check-settings"]):
         sys.exit(preflight())
+    if sys.argv[1:2] == ["--split"] and len(sys.argv) in (4, 5):
+        sys.exit(print(split_file(sys.argv[2], sys.argv[3], float(sys.argv[4]) if len(sys.argv) == 5 else 16)))
+    if sys.argv[1:2] == ["--join"] and len(sys.argv) == 3:
+        sys.exit(print(join_parts(sys.argv[2])))
+    if sys.argv[1:] == ["--script"]:
+        sys.exit(run_script())
+    if sys.argv[1:] == ["--plan"]:
+        sys.exit(plan_cli())
     if sys.argv[1:] == ["--settings-table"]:
         sys.exit(print(settings_table(), end=""))
     if sys.argv[1:2] == ["--run"]:

@@ -116,3 +116,14 @@ def test_report_writes_every_promised_file(nb, run, tiny_data, tmp_path):
     saved = json.loads((results / "conv_vae" / "metrics.json").read_text())
     assert saved["stamp"]["model"] == "conv_vae" and saved["rows"]
     assert "fid_train_vs_test" in (results / "fid.txt").read_text() and len(rows) > 50
+
+
+def test_a_profile_without_budget_for_extra_image_sets_says_so(nb, tiny_data, settings, fake_inception):
+    S = nb.Settings(**{**settings(EPOCHS=1, FID_SAMPLES=16).as_dict(), "profile": "quick"})
+    trained = nb.train_model("conv_vae", S, tiny_data)
+    rows = by_metric(nb.evaluate_model(trained, tiny_data, nb.build_reference(tiny_data, S), S).rows)
+    for metric in ("fid_gmm", "kid_gmm", "fid_recon", "kid_recon"):
+        assert rows[metric]["value"] is None
+        assert rows[metric]["note"] == "unavailable: not in this profile's budget (PROFILE=quick: one Inception pass " \
+                                       "per extra image set)"
+    assert rows["recon_mse"]["value"] > 0 and rows["fid"]["value"] is not None   # what the budget keeps

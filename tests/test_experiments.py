@@ -18,7 +18,7 @@ def test_experiments_setting_names_studies(nb, settings):
     assert chosen() == ()                      # smoke: none unless asked
     assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64) == ()   # quick's 30 minutes: the comparison only
     assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64, EXPERIMENTS="beta,seeds") == ("beta", "seeds")
-    assert chosen(PROFILE="full", N_TRAIN=5000, BATCH_SIZE=64) == ("beta", "grid", "optimizers", "seeds")
+    assert chosen(PROFILE="full", N_TRAIN=5000, BATCH_SIZE=64) == ()   # full's 30 minutes: studies are opt-in
     assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64, EXPERIMENTS="none") == ()
     assert chosen(EXPERIMENTS="all") == tuple(nb.STUDIES) == ("beta", "grid", "optimizers", "seeds")
     assert chosen(EXPERIMENTS="seeds, beta") == ("seeds", "beta")

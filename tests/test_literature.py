@@ -70,7 +70,9 @@ def test_generator_step_budgets_become_epochs(nb, settings):
     assert nb.model_epochs("conv_vae", quick, 8000) == 8                       # VAEs count epochs
     assert nb.model_epochs("dcgan", nb.Settings(**{**quick.as_dict(), "epochs": 3}), 8000) == 3   # EPOCHS wins
     paper = nb.Settings(**{**quick.as_dict(), "profile": "paper", "models": ()})
-    assert nb.budget_text("sngan_resnet", paper) == "100000 G steps"
+    assert nb.budget_text("sngan_resnet", paper, 50000, n_critic=5) == "100000 G steps → 641 epochs = 100124 G steps"
+    assert nb.budget_text("sngan_resnet", paper, 64 * 500, n_critic=5) == "100000 G steps"   # whole epochs: exact
+    assert nb.budget_text("dcgan", quick, 50000) == "4000 G steps → 6 epochs = 4686 G steps"  # the real budget
     assert set(nb.selected_models(paper)) == {"dcgan", "sn_dcgan", "sngan_resnet", "wgan_gp_resnet"}
 
 

