@@ -165,6 +165,7 @@ def join_parts(manifest, out_dir=None):
     if hashlib.sha256(data).hexdigest() != spec["sha256"]:
         raise ValueError(f"{manifest}: the joined parts are not the file it describes")
     target = Path(out_dir or manifest.parent) / Path(spec["file"]).name
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, target)

@@ -24,7 +24,7 @@ def output_shapes(module, x, kind):
 
 def test_full_profile_has_standard_widths_and_ema(nb):
     S = nb.resolve_settings(notebook_parameters(), {"PROFILE": "full", "DEVICE": "cpu"}, cuda_available=False)
-    assert (S.width, S.gan_ema, S.select_by, S.track_samples) == (128, 0.9999, "fid", 10000)
+    assert (S.width, S.gan_ema, S.select_by, S.track_samples) == (128, 0.9999, "fid", 5000)
     paper = nb.resolve_settings(notebook_parameters(), {"PROFILE": "paper"}, cuda_available=True)
     assert paper.batch_size == 64 and paper.device == "cuda"
 

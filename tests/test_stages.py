@@ -79,7 +79,7 @@ def test_the_plan_estimates_every_model_before_any_training(nb, settings, tiny_d
     assert set(lines) == {"dcgan", "conv_vae", "vqvae"} and plan["studies"] == {"beta": 24}
     assert all(line["train_s"] > 0 for line in lines.values())
     assert lines["dcgan"]["eval_images"] == 2 * 16       # EMA samples and the raw generator's
-    assert lines["vqvae"]["eval_images"] == 16 + 16 + 16  # samples (after its prior), reconstructions, no GMM
+    assert lines["vqvae"]["eval_images"] == 16 + 16       # samples (after its prior) and reconstructions
     assert lines["conv_vae"]["probe_s"] > 0 and lines["dcgan"]["probe_s"] == 0
     text = nb.plan_text(plan, S)
     assert text.startswith("# Plan") and "Estimated total:" in text and "beta (24 runs)" in text
