@@ -142,23 +142,23 @@ def test_findings_name_the_metric_and_threshold(nb):
     assert "vae_a's encoder gives the best linear probe, 0.45 (raw pixels: 0.3)" in text
     lines = nb.findings(rows, seeds, 10)
     assert "Posterior collapse (active_units; threshold: < 10 % of the latent units active): vae_a 3 of 64." in lines
-    assert ("Mode collapse (classes_covered; threshold: ≤ half of the 10 classes, of samples the mode classifier can "
-            "read): gan_a 2.") in lines
+    assert ("Mode collapse (classes_covered; threshold: ≤ half of the 10 classes, of samples on the data by "
+            "precision): gan_a 2.") in lines
     assert "Low diversity (recall; threshold: < 25 % of the real data's 0.8): gan_a 0.1." in lines
     assert "Unstable training (loss_g_instability; threshold: > 0.25): gan_a 0.4." in lines  # not gan_b's 0.05
     assert ("Got worse late (FID at the end vs FID of the best checkpoint; threshold: > 10 % worse): gan_a 30 at "
             "the end vs 20 at epoch 2.") in lines
 
 
-def test_few_classes_of_unreadable_samples_is_blur_not_mode_collapse(nb):
-    rows = [row("real data", "class_confidence", 0.8), row("blurry", "classes_covered", 3),
-            row("blurry", "class_confidence", 0.3), row("collapsed", "classes_covered", 2),
-            row("collapsed", "class_confidence", 0.9)]
+def test_few_classes_of_samples_off_the_data_is_blur_not_mode_collapse(nb):
+    rows = [row("real data", "precision_test_vs_train", 0.8), row("blurry", "classes_covered", 3),
+            row("blurry", "precision", 0.03), row("blurry", "class_confidence", 0.9),   # confident, yet blurred
+            row("collapsed", "classes_covered", 2), row("collapsed", "precision", 0.7)]
     lines = nb.findings(rows, {}, 10)
-    assert ("Mode collapse (classes_covered; threshold: ≤ half of the 10 classes, of samples the mode classifier "
-            "can read): collapsed 2.") in lines
-    assert ("Unreadable samples — blur, not mode collapse (class_confidence; threshold: < 0.5 × the real test "
-            "images' 0.8): blurry 0.3.") in lines
+    assert ("Mode collapse (classes_covered; threshold: ≤ half of the 10 classes, of samples on the data by "
+            "precision): collapsed 2.") in lines
+    assert ("Off the data — blur, not mode collapse (precision; threshold: < 0.5 × the real test images' 0.8): "
+            "blurry 0.03.") in lines
 
 
 def test_failure_modes_are_judged_only_at_a_useful_budget(nb):
