@@ -33,12 +33,18 @@ def test_a_kill_during_a_stage_models_second_epoch_resumes_to_identical_numbers(
     assert [[row[k] for k in keys] for row in resumed.history] == [[row[k] for k in keys] for row in whole.history]
 
 
+def planted_link(tmp_path, folder, name):
+    """A file outside the run's folders and a link to it planted as folder/name: (the outside file)."""
+    outside = tmp_path / f"outside-{name}"
+    outside.write_text("keep me")
+    (tmp_path / folder).mkdir(exist_ok=True)
+    os.symlink(outside, tmp_path / folder / name)
+    return outside
+
+
 def test_links_planted_in_the_output_folders_are_refused_never_written_through(nb, settings, tmp_path):
     S = settings()
-    outside = tmp_path / "outside.txt"
-    outside.write_text("keep me")
-    (tmp_path / "results").mkdir(exist_ok=True)
-    os.symlink(outside, tmp_path / "results" / "run.log")
+    outside = planted_link(tmp_path, "results", "run.log")
     errors = nb.output_folder_errors(S)
     assert len(errors) == 1 and errors[0].startswith("RESULTS_DIR: ") and "run.log is a symbolic link" in errors[0]
     nb.atomic_write(tmp_path / "results" / "run.log", lambda tmp: open(tmp, "w").write("new"))
@@ -47,10 +53,7 @@ def test_links_planted_in_the_output_folders_are_refused_never_written_through(n
 
 def test_a_lock_file_that_is_a_link_is_never_followed(nb, settings, tmp_path):
     S = settings()
-    outside = tmp_path / "outside.lock"
-    outside.write_text("keep me")
-    (tmp_path / "checkpoints").mkdir(exist_ok=True)
-    os.symlink(outside, tmp_path / "checkpoints" / ".run.lock")
+    outside = planted_link(tmp_path, "checkpoints", ".run.lock")
     with pytest.raises(OSError):
         nb.hold_run_locks(S)
     nb.release_run_locks()
