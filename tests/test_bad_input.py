@@ -142,6 +142,7 @@ def test_a_compile_failure_anywhere_falls_back_to_eager_with_one_line(nb, settin
         assert len(history) == 1 and "loss_g" in history[0]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("COMPILE:")]
     assert len(lines) == 1 and "inductor: recompile failed" in lines[0] and model.compiled == []
+    assert lines[0].startswith("COMPILE: torch.compile failed for wgan_gp ")   # named as MODELS= names it
 
 
 @pytest.mark.parametrize("name", ["conv_vae", "dcgan"])
