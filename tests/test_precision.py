@@ -121,3 +121,35 @@ def test_fused_adam_steps_like_plain_adam(nb, settings, tiny_data):
     assert compared >= 6
     fused.plain_path()
     assert all(g["fused"] is None for opt in fused.optimizers.values() for g in opt.param_groups)
+
+
+def read_every_tf32_setting():
+    """Both of torch's APIs, as inductor, cuDNN's flags() and user code read them; reading a legacy flag raises
+    once the new `fp32_precision` API has been written."""
+    b = torch.backends
+    return (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, torch.get_float32_matmul_precision(),
+            getattr(b.cuda.matmul, "fp32_precision", None), getattr(getattr(b.cudnn, "conv", None), "fp32_precision", None))
+
+
+def test_tf32_for_training_and_exact_math_for_metrics_keep_both_apis_readable(nb):
+    saved = nb.set_tf32(True)
+    try:
+        on = read_every_tf32_setting()
+        assert on[:3] == (True, True, "high")
+        with nb.exact_math():
+            off = read_every_tf32_setting()
+            assert off[:3] == (False, False, "highest")
+            with torch.backends.cudnn.flags(enabled=True):   # what other libraries may do inside
+                read_every_tf32_setting()
+        assert read_every_tf32_setting() == on
+        if on[3] is not None:   # torch with the new API reads the same values through it
+            assert on[3:] == ("tf32", "tf32") and off[3] == "ieee" and off[4] != "tf32"
+    finally:
+        nb.set_tf32(*saved)
+
+
+def test_the_code_search_is_exact_in_float64(nb):
+    quantiser = nb.VectorQuantizerEMA(codes=64, dim=8)
+    flat = torch.randn(500, 8)
+    exact = torch.cdist(flat.double(), quantiser.embedding.double()).argmin(1)
+    assert torch.equal(quantiser.assign(flat), exact)
