@@ -140,6 +140,8 @@ def test_a_compile_failure_anywhere_falls_back_to_eager_with_one_line(nb, settin
     else:
         history = nb.fit(model, tiny_data.train_x, S, "wgan_gp", 1)
         assert len(history) == 1 and "loss_g" in history[0]
+        d_steps = {int(state["step"]) for state in model.optimizers["d"].state.values()}
+        assert d_steps == {len(tiny_data.train_x) // 8}   # the retried step did not update the critic twice
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("COMPILE:")]
     assert len(lines) == 1 and "inductor: recompile failed" in lines[0] and model.compiled == []
     assert lines[0].startswith("COMPILE: torch.compile failed for wgan_gp ")   # named as MODELS= names it
