@@ -2,13 +2,14 @@
 import errno
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import install_fake_inception
-from nbmodule import without_warnings
+from nbmodule import load_notebook, without_warnings
 
 
 def test_a_kill_during_a_stage_models_second_epoch_resumes_to_identical_numbers(nb, settings, tiny_data, tmp_path,
@@ -18,11 +19,11 @@ def test_a_kill_during_a_stage_models_second_epoch_resumes_to_identical_numbers(
     S = settings(EPOCHS=2, CHECKPOINT_DIR=tmp_path / "b", RESULTS_DIR=tmp_path / "rb")
     real_callback = nb.epoch_callback
 
-    def killing(name, S_, stamp, reference=None):
+    def killing(name, S_, stamp, reference=None, memory=None):
         def on_epoch_end(model, epoch):
             if name == "dfc_vae" and epoch == 2:
                 raise KeyboardInterrupt  # killed during epoch 2: the checkpoint of epoch 1 is the last
-            return real_callback(name, S_, stamp, reference)(model, epoch)
+            return real_callback(name, S_, stamp, reference, memory)(model, epoch)
         return on_epoch_end
     monkeypatch.setattr(nb, "epoch_callback", killing)
     with pytest.raises(KeyboardInterrupt):
@@ -174,6 +175,36 @@ def test_parameters_count_what_trains_not_the_ema_copy(nb, settings, tiny_data, 
     rows = {r["metric"]: r for r in nb.evaluate_model(trained, tiny_data, nb.build_reference(tiny_data, S), S).rows}
     g, d = (sum(p.numel() for p in net.parameters()) for net in (trained.model.generator, trained.model.discriminator))
     assert rows["parameters"]["value"] == g + d and f"generator {g:,}" in rows["parameters"]["note"]
+
+
+def test_compile_time_is_apart_from_the_steady_speed(nb, settings, tiny_data, monkeypatch):
+    S = settings(BATCH_SIZE=8)
+    model = nb.build_model("wgan_gp", S, tiny_data)   # n_critic 5: the warm-up is the first 5 steps
+    clock, real_step = [0.0], model.train_step
+
+    def step_of_one_second(x):   # a fake clock: every step takes 1 s, the first 10 s more (a compile)
+        clock[0] += 11.0 if clock[0] == 0 else 1.0
+        return real_step(x)
+    monkeypatch.setattr(model, "train_step", step_of_one_second)
+    monkeypatch.setattr(nb.time, "perf_counter", lambda: clock[0])
+    row, = nb.fit(model, tiny_data.train_x, S, "wgan_gp", 1)
+    steps = len(tiny_data.train_x) // 8
+    assert row["seconds"] == steps + 10 and row["compile_s"] == 10.0 and row["steady_images_per_s"] == 8.0
+    rows, _ = nb.training_facts(types.SimpleNamespace(history=[row], name="wgan_gp", model=model,
+                                                      peak_memory_mb=1.0, S=S, data=tiny_data))
+    facts = {r["metric"]: r["value"] for r in rows}
+    assert facts["compile_seconds"] == 10.0 and facts["images_per_s"] == 8.0
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="peak resident set not resettable")
+def test_peak_memory_leaves_out_what_runs_paused():
+    nb_memory = load_notebook().TrainingMemory("cpu")
+    before = nb_memory.mb()
+    with nb_memory.paused():   # e.g. the tracking's Inception pass
+        np.ones(2 ** 27).sum()   # 1 GiB touched
+    assert nb_memory.mb() < before + 256
+    np.ones(2 ** 27).sum()
+    assert nb_memory.mb() > before + 768
 
 
 @pytest.mark.parametrize("env", [{"GAN_EMA": "0.99999999"}, {"KL_WARMUP": "50"}, {"TRACK_EVERY": "50"},

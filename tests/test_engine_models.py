@@ -10,7 +10,8 @@ GAN_LOSS_KEYS = {"loss_d", "d_real", "d_fake"}
 
 
 def history_losses(history):
-    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s", "elapsed_s")} for row in history]
+    timing = ("seconds", "images_per_s", "steady_images_per_s", "compile_s", "elapsed_s")
+    return [{k: v for k, v in row.items() if k not in timing} for row in history]
 
 
 def train(nb, S, data, name, epochs):

@@ -51,7 +51,8 @@ def test_a_new_family_needs_no_change_to_the_evaluation(nb, tiny_data, settings,
     S = settings(FID_SAMPLES=16)
     model = Noise()
     model.w = torch.nn.Parameter(torch.zeros(1))
-    trained = nb.TrainedModel("noise", model, [{"epoch": 1, "seconds": 1.0, "images_per_s": 10.0}], {})
+    history = [{"epoch": 1, "seconds": 1.0, "images_per_s": 10.0, "images_seen": 10}]
+    trained = nb.TrainedModel("noise", model, history, {})
     rows = by_metric(nb.evaluate_model(trained, tiny_data, nb.build_reference(tiny_data, S), S).rows)
     assert "fid" in rows and "recon_mse" not in rows and rows["fid"]["value"] > 0
 
