@@ -4,7 +4,8 @@
 # ./reproduce.sh train  training and checkpoints only (no Inception, no Jupyter; PYTHON=python3 skips .venv)
 # ./reproduce.sh evaluate  evaluation and report from existing checkpoints
 # ./reproduce.sh gpu-check [--minutes 10]  on one GPU: devices, speeds, then train the flagships for the time left
-# ./reproduce.sh plan   set up .venv, then print the run's plan and its estimated cost (trains nothing)
+# ./reproduce.sh plan [--for h100]   set up .venv, then print the run's plan and its estimated cost, here or on a
+#                      device it has not run on (trains nothing)
 # ./reproduce.sh bench  set up .venv, then benchmark training (vs a plain loop), Inception and metrics on this device
 # Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
 set -euo pipefail
@@ -60,7 +61,8 @@ case "${1:-run}" in
     exec "$PY" tests/gpu_check.py "$@"
     ;;
   plan)
-    exec "$PY" tests/nbmodule.py --plan
+    shift || true
+    exec "$PY" tests/nbmodule.py --plan "$@"
     ;;
   bench)
     exec "$PY" tests/benchmark.py "${@:2}"

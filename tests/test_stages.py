@@ -77,7 +77,7 @@ def test_the_plan_estimates_every_model_before_any_training(nb, settings, tiny_d
     plan = nb.plan_run(S, tiny_data, nb.selected_models(S), ("beta",))
     lines = {line["model"]: line for line in plan["lines"]}
     assert set(lines) == {"dcgan", "conv_vae", "vqvae"} and plan["studies"] == {"beta": 24}
-    assert all(line["train_s"] > 0 for line in lines.values())
+    assert all(line["train_s"] > 0 for line in lines.values()), lines
     assert lines["dcgan"]["eval_images"] == 2 * 16       # EMA samples and the raw generator's
     assert lines["vqvae"]["eval_images"] == 16 + 16       # samples (after its prior) and reconstructions
     assert lines["conv_vae"]["probe_s"] > 0 and lines["dcgan"]["probe_s"] == 0
