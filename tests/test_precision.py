@@ -103,6 +103,15 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line(nb, settings, tiny_
     assert len(history) == 1 and model.compiled == []
 
 
+def test_helper_stages_are_set_up_like_their_model_and_fall_back_with_it(nb, settings, tiny_data):
+    model = nb.build_model("vqvae", settings(COMPILE="on", AMP="bf16"), tiny_data)
+    prior, _ = nb.code_prior_stand_in(model, tiny_data, model_settings := settings(), 2)
+    assert model_settings.compile == "off"  # the helper follows the model's build, not the settings it is given
+    assert (prior.name, prior.compiled, prior.amp) == ("vqvae_prior", ["embed", "blocks", "head"], True)
+    model.plain_path()  # a compile failure inside the model's steps or sampling: the attached prior goes eager too
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
+
+
 def test_fused_adam_steps_like_plain_adam(nb, settings, tiny_data):
     """The CUDA path's fused optimizers (PyTorch has a fused CPU Adam too, so the path runs here)."""
     plain, fused = (nb.build_model("dcgan", settings(), tiny_data) for _ in range(2))
