@@ -264,6 +264,24 @@ def test_gan_ema_generator_is_used_for_sampling(nb, settings, tiny_data):
     assert torch.allclose(model.decode_latent(z), model.g_ema(z))
 
 
+
+def test_standing_statistics_are_recomputed_only_when_the_ema_weights_change(nb, settings, tiny_data, monkeypatch):
+    model = nb.build_model("dcgan", settings(GAN_EMA=0.5), tiny_data)
+    calls = []
+    refresh = model.refresh_ema_statistics
+    monkeypatch.setattr(model, "refresh_ema_statistics", lambda: calls.append(1) or refresh())
+    first = model.sample(4, z=torch.randn(4, 100, generator=torch.Generator().manual_seed(1)))
+    again = model.sample(4, z=torch.randn(4, 100, generator=torch.Generator().manual_seed(1)))
+    assert len(calls) == 1 and torch.equal(first, again)     # unchanged weights: the statistics are reused
+    model.train()
+    for _ in range(2):
+        model.train_step(tiny_data.train_x[:8])               # the EMA update writes the weights in place
+    model.sample(4)
+    assert len(calls) == 2
+    model.g_ema.load_state_dict({k: v.clone() for k, v in model.g_ema.state_dict().items()})   # a checkpoint load
+    model.sample(4)
+    assert len(calls) == 3
+
 def test_spectral_norm_bounds_the_largest_singular_value(nb):
     d = nb.dcgan_discriminator(3, 8, norm="sn")
     convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -342,5 +360,9 @@ def test_code_prior_is_causal(nb):
     earlier = codes.clone()
     earlier[0, 3, 3] = (earlier[0, 3, 3] + 1) % 16
     assert not torch.allclose(prior.logits(earlier)[:, :, 3, 4], base[:, :, 3, 4])  # it does see the past
+    # sampling reads only the prefix up to t; its logits at t are the full map's
+    seq = codes.view(1, 64)
+    for t in (0, 17, 63):
+        assert torch.allclose(prior.sequence_logits(seq[:, :t + 1])[:, t], base.flatten(2)[:, :, t], atol=1e-5)
     maps = prior.generate(3, 8, 8)
     assert maps.shape == (3, 8, 8) and maps.min() >= 0 and maps.max() < 16
