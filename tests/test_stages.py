@@ -57,12 +57,23 @@ def test_train_without_jupyter_then_evaluate_gives_the_one_piece_numbers(tmp_pat
 
 
 def test_evaluate_without_trained_checkpoints_is_one_line(tmp_path):
+    """./reproduce.sh evaluate stops in its preflight, before the plan or any data is loaded."""
     repo = TESTS.parent
     for name in ("notebook.ipynb", "tests"):
         os.symlink(repo / name, tmp_path / name)
-    out = run(tmp_path, args=["--script"], STAGE="evaluate")
+    (tmp_path / "checkpoints" / "dcgan").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "dcgan" / "last.pt").write_bytes(b"")   # present: only conv_vae is missing
+    out = run(tmp_path, args=["--preflight"], STAGE="evaluate")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith("error: STAGE=evaluate: ")
+    assert out.stderr.strip().splitlines()[-1].startswith("error: STAGE=evaluate: no trained checkpoint for conv_vae ")
+
+
+def test_a_notebook_run_to_evaluate_without_a_checkpoint_stops_before_training(nb, settings, tiny_data):
+    """Run cell by cell in Jupyter there is no preflight: the model that would have to train says so."""
+    S = settings(STAGE="evaluate")
+    model = nb.build_model("conv_vae", S, tiny_data)
+    with pytest.raises(nb.UserError, match=r"^STAGE=evaluate: .* holds 0 of the 2 epochs"):
+        nb.resume_point(model, tiny_data.train_x, S, "conv_vae", 2, None)
 
 
 class FakeNet:
