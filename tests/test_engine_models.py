@@ -264,7 +264,6 @@ def test_gan_ema_generator_is_used_for_sampling(nb, settings, tiny_data):
     assert torch.allclose(model.decode_latent(z), model.g_ema(z))
 
 
-
 def test_standing_statistics_are_recomputed_only_when_the_ema_weights_change(nb, settings, tiny_data, monkeypatch):
     model = nb.build_model("dcgan", settings(GAN_EMA=0.5), tiny_data)
     calls = []
@@ -281,6 +280,7 @@ def test_standing_statistics_are_recomputed_only_when_the_ema_weights_change(nb,
     model.g_ema.load_state_dict({k: v.clone() for k, v in model.g_ema.state_dict().items()})   # a checkpoint load
     model.sample(4)
     assert len(calls) == 3
+
 
 def test_spectral_norm_bounds_the_largest_singular_value(nb):
     d = nb.dcgan_discriminator(3, 8, norm="sn")
