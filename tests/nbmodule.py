@@ -7,8 +7,7 @@
     python tests/nbmodule.py --preflight   # settings, folders, lock, data, checkpoints: one line per problem, exit 2
     python tests/nbmodule.py --run         # execute notebook.ipynb headless with live output (see run_notebook)
     python tests/nbmodule.py --script      # every code cell in order as one script: no Jupyter packages needed
-    python tests/nbmodule.py --plan [--for h100]   # the run's plan and estimated cost (here, or on a device it
-                                                   # has not run on); trains nothing
+    python tests/nbmodule.py --plan        # the run's plan and its cost measured on this machine; trains nothing
     python tests/nbmodule.py --split FILE DIR [MB] / --join DIR/FILE.parts.json   # weights in parts ≤ MB
     python tests/nbmodule.py --settings-table   # the README's settings table, from the parameters cell
 
@@ -173,29 +172,21 @@ def join_parts(manifest, out_dir=None):
     return target
 
 
-def plan_cli(environ=None, device=None):
-    """./reproduce.sh plan [--for DEVICE]: the run's plan (budgets, estimated seconds, evaluation images, studies)
-    printed and written to RESULTS_DIR/plan.md (plan-DEVICE.md for another device); nothing is trained. For
-    another device the settings resolve as they would there (PROFILE=auto: full, AMP bf16, COMPILE on) and the
-    work is counted here on the CPU."""
+def plan_cli(environ=None):
+    """./reproduce.sh plan: the run's plan (budgets, seconds measured on this machine, evaluation images, studies)
+    printed and written to RESULTS_DIR/plan.md; nothing is trained."""
     nb = load_notebook()
     environ = os.environ if environ is None else environ
-    if device is not None and device not in nb.DEVICE_ASSUMPTIONS:
-        print(f"error: --for {device} is unknown: use one of {', '.join(nb.DEVICE_ASSUMPTIONS)}", file=sys.stderr)
-        return 2
-    assumed = nb.DEVICE_ASSUMPTIONS.get(device)
     try:
-        S = nb.resolve_settings(notebook_parameters(), environ, cuda_available=True if assumed else None)
-        if assumed:  # counted on this machine's CPU, in fp32 (FLOPs do not depend on the precision)
-            S = nb.Settings(**{**S.as_dict(), "device": "cpu", "amp": "off"})
+        S = nb.resolve_settings(notebook_parameters(), environ)
         data = nb.load_dataset(S)
-        plan = nb.plan_run(S, data, nb.selected_models(S), nb.selected_studies(S), device=assumed)
+        plan = nb.plan_run(S, data, nb.selected_models(S), nb.selected_studies(S))
     except nb.UserError as err:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
     text = nb.plan_text(plan, S)
-    nb.write_text(Path(S.results_dir) / (f"plan-{device}.md" if device else "plan.md"), text)
+    nb.write_text(Path(S.results_dir) / "plan.md", text)
     print(text, end="")
     return 0
 
@@ -275,8 +266,8 @@ if __name__ == "__main__":
         sys.exit(print(join_parts(sys.argv[2])))
     if sys.argv[1:] == ["--script"]:
         sys.exit(run_script())
-    if sys.argv[1:2] == ["--plan"] and (len(sys.argv) == 2 or len(sys.argv) == 4 and sys.argv[2] == "--for"):
-        sys.exit(plan_cli(device=sys.argv[3] if len(sys.argv) == 4 else None))
+    if sys.argv[1:] == ["--plan"]:
+        sys.exit(plan_cli())
     if sys.argv[1:] == ["--settings-table"]:
         sys.exit(print(settings_table(), end=""))
     if sys.argv[1:2] == ["--run"]:

@@ -92,7 +92,7 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(nb, settings, tiny_data,
 def run_stages(nb, model, data, S, name, before):
     for stage in model.stages:
         if stage.before == before:
-            stage.run(model, data, S, f"{name}_{stage.suffix}", {})
+            nb.run_stage(stage, model, data, S, {})
 
 
 MODEL_NAMES = list(load_notebook().MODEL_REGISTRY)
@@ -267,8 +267,8 @@ def test_gan_ema_generator_is_used_for_sampling(nb, settings, tiny_data):
 def test_standing_statistics_are_recomputed_only_when_the_ema_weights_change(nb, settings, tiny_data, monkeypatch):
     model = nb.build_model("dcgan", settings(GAN_EMA=0.5), tiny_data)
     calls = []
-    refresh = model.refresh_ema_statistics
-    monkeypatch.setattr(model, "refresh_ema_statistics", lambda: calls.append(1) or refresh())
+    refresh = nb.standing_statistics
+    monkeypatch.setattr(nb, "standing_statistics", lambda *a: calls.append(1) or refresh(*a))
     first = model.sample(4, z=torch.randn(4, 100, generator=torch.Generator().manual_seed(1)))
     again = model.sample(4, z=torch.randn(4, 100, generator=torch.Generator().manual_seed(1)))
     assert len(calls) == 1 and torch.equal(first, again)     # unchanged weights: the statistics are reused
@@ -277,7 +277,7 @@ def test_standing_statistics_are_recomputed_only_when_the_ema_weights_change(nb,
         model.train_step(tiny_data.train_x[:8])               # the EMA update writes the weights in place
     model.sample(4)
     assert len(calls) == 2
-    model.g_ema.load_state_dict({k: v.clone() for k, v in model.g_ema.state_dict().items()})   # a checkpoint load
+    model.load_state_dict({**model.state_dict(), "steps": torch.tensor(0)})   # a checkpoint of other weights
     model.sample(4)
     assert len(calls) == 3
 
@@ -366,3 +366,15 @@ def test_code_prior_is_causal(nb):
         assert torch.allclose(prior.sequence_logits(seq[:, :t + 1])[:, t], base.flatten(2)[:, :, t], atol=1e-5)
     maps = prior.generate(3, 8, 8)
     assert maps.shape == (3, 8, 8) and maps.min() >= 0 and maps.max() < 16
+
+
+@pytest.mark.parametrize("name", ["conv_vae", "dcgan", "sngan_resnet"])
+def test_the_engine_trains_exactly_what_the_plain_loop_trains(nb, settings, tiny_data, name):
+    """fit = train_plainly + resume, history and acceleration: on the CPU its first epoch gives the same weights."""
+    S = settings(EPOCHS=1)
+    plain = nb.build_model(name, S, tiny_data)
+    nb.train_plainly(plain, tiny_data.train_x, S.batch_size, 1, S.seed)
+    engine = nb.build_model(name, S, tiny_data)
+    nb.fit(engine, tiny_data.train_x, S, name, 1)
+    for (key, a), b in zip(plain.state_dict().items(), engine.state_dict().values()):
+        assert torch.equal(a, b), key

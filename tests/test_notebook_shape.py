@@ -2,6 +2,7 @@
 no profile or name dispatch outside the records."""
 import json
 import re
+import symtable
 from pathlib import Path
 
 from nbmodule import NOTEBOOK, settings_table
@@ -37,3 +38,42 @@ def test_no_code_outside_the_records_dispatches_on_a_profile_or_a_name(nb):
 def test_the_readme_is_short_enough_to_read():
     text = README.read_text()
     assert len(text.encode()) <= 15 * 1024 and "## Contents" in text
+
+
+def cell_lines():
+    return [cell.splitlines() for cell in code_cells()]
+
+
+def test_the_notebook_stays_short_and_its_recipes_come_first():
+    cells = cell_lines()
+    assert sum(map(len, cells)) <= 3800 and max(map(len, cells)) <= 120
+    lines = [line for cell in cells for line in cell]
+    first = lambda prefix: next(k + 1 for k, line in enumerate(lines) if line.startswith(prefix))
+    assert first("class VAE(") <= 600 and first('@register("conv_vae"') <= 700 and first('@register("dcgan"') <= 900
+    parts = [c["source"][0].strip() for c in json.loads(NOTEBOOK.read_text())["cells"]
+             if c["cell_type"] == "markdown" and c["source"][0].startswith("# Part")]
+    assert parts == ["# Part 1 — Recipes", "# Part 2 — Engine and operations", "# Part 3 — The run"]
+
+
+def global_names(source):
+    """(names a cell defines at top level, module-level names it reads anywhere, function bodies included)"""
+    table = symtable.symtable(source, "cell", "exec")
+    defined = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+    used, scopes = set(), [table]
+    while scopes:
+        scope = scopes.pop()
+        used |= {s.get_name() for s in scope.get_symbols() if s.is_referenced()
+                 and (scope.get_type() == "module" or s.is_global())}
+        scopes += scope.get_children()
+    return defined, used
+
+
+def test_no_cell_calls_code_defined_below_it():
+    cells = [global_names(source) for source in code_cells()]
+    first_definition = {}
+    for k, (defined, _) in enumerate(cells):
+        for name in defined:
+            first_definition.setdefault(name, k)
+    late = [f"code cell {k} reads {name}, defined in code cell {first_definition[name]}"
+            for k, (_, used) in enumerate(cells) for name in sorted(used) if first_definition.get(name, k) > k]
+    assert late == []

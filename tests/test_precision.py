@@ -103,19 +103,22 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line(nb, settings, tiny_
     assert len(history) == 1 and model.compiled == []
 
 
-def test_helper_stages_are_set_up_like_their_model_and_fall_back_with_it(nb, settings, tiny_data):
-    model = nb.build_model("vqvae", settings(COMPILE="on", AMP="bf16"), tiny_data)
-    prior, _ = nb.code_prior_stand_in(model, tiny_data, model_settings := settings(), 2)
-    assert model_settings.compile == "off"  # the helper follows the model's build, not the settings it is given
+def test_helper_stages_are_set_up_like_their_model_and_fall_back_with_it(nb, settings, tiny_data, monkeypatch):
+    S = settings(COMPILE="on", AMP="bf16", EPOCHS=1)
+    model = nb.build_model("vqvae", S, tiny_data)
+    monkeypatch.setattr(nb, "fit", lambda helper, *args, **kwargs: [])  # set up, not trained (compiling is slow)
+    stage, = model.stages
+    nb.run_stage(stage, model, tiny_data, S, nb.training_stamp("vqvae", model.shaped_by, S, tiny_data.key))
+    prior = model.prior
     assert (prior.name, prior.compiled, prior.amp) == ("vqvae_prior", ["embed", "blocks", "head"], True)
-    model.plain_path()  # a compile failure inside the model's steps or sampling: the attached prior goes eager too
+    nb.plain_path(model)  # a compile failure inside the model's steps or sampling: the attached prior goes eager too
     assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
 
 
 def test_fused_adam_steps_like_plain_adam(nb, settings, tiny_data):
     """The CUDA path's fused optimizers (PyTorch has a fused CPU Adam too, so the path runs here)."""
     plain, fused = (nb.build_model("dcgan", settings(), tiny_data) for _ in range(2))
-    fused.fuse_optimizers()
+    nb.fuse_optimizers(fused)
     for model in (plain, fused):
         model.train()
         torch.manual_seed(0)
@@ -128,7 +131,7 @@ def test_fused_adam_steps_like_plain_adam(nb, settings, tiny_data):
             assert torch.allclose(a, b, atol=1e-6)
             compared += 1
     assert compared >= 6
-    fused.plain_path()
+    nb.plain_path(fused)
     assert all(g["fused"] is None for opt in fused.optimizers.values() for g in opt.param_groups)
 
 

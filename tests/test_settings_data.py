@@ -185,3 +185,17 @@ time.sleep(120)
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the child outlived its killed parent")
+
+
+def test_a_new_profile_is_one_record(nb, tmp_path, tiny_data, monkeypatch):
+    """A Profile record alone is a valid PROFILE: its name is a choice, budgets default from budget_from."""
+    tiny = nb.Profile(dataset="synthetic", n_train=64, n_test=32, batch_size=16, width=4, fid_samples=8,
+                      track_every=0, sample_every=0, gan_ema=0.0, track_samples=8, experiments=(), select_by="kid",
+                      stage_epochs={"features": 1, "prior": 1}, prior_size=(16, 1))
+    monkeypatch.setitem(nb.PROFILES, "tiny", tiny)
+    S = nb.resolve_settings(notebook_parameters(), {"PROFILE": "tiny", "DEVICE": "cpu", "RESULTS_DIR": str(tmp_path / "r"),
+                                                    "CHECKPOINT_DIR": str(tmp_path / "c")}, cuda_available=False)
+    assert (S.profile, S.width) == ("tiny", 4) and "dcgan" in nb.selected_models(S)
+    assert nb.budget_text("conv_vae", S, 64) == "20 epochs"   # full's budget, the record's default budget_from
+    trained = nb.train_model("dcgan", nb.Settings(**{**S.as_dict(), "epochs": 1}), tiny_data)
+    assert len(trained.history) == 1

@@ -1,12 +1,10 @@
 """Stages that run apart: the plan, training without Jupyter or Inception, evaluation elsewhere, weights in
 parts, and the GPU check on the CPU with tiny budgets."""
 import csv
-import dataclasses
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -98,44 +96,19 @@ def test_the_plan_estimates_every_model_before_any_training(nb, settings, tiny_d
     assert text.startswith("# Plan") and "Estimated total:" in text and "beta (24 runs)" in text
 
 
-def test_counted_work_is_the_convolution_arithmetic(nb):
-    conv, x = torch.nn.Conv2d(3, 8, 3, padding=1), torch.randn(2, 3, 8, 8)
-    forward = 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)  # 2 FLOPs per multiply-add: output elements × kernel size
-    with torch.inference_mode():
-        assert nb.counted_work(lambda: conv(x)).flops == forward
-    trained = nb.counted_work(lambda: conv(x.requires_grad_(True)).sum().backward())
-    assert trained.flops == 3 * forward  # forward, input and weight gradients
-    assert trained.matmuls == 2          # aten.convolution and aten.convolution_backward
-    assert trained.ops > trained.matmuls
-
-
-def test_an_assumed_device_takes_the_longer_of_arithmetic_and_launches(nb):
-    device = dataclasses.replace(nb.DEVICE_ASSUMPTIONS["h100"], train_tflops=1, op_us=10, kernels_per_matmul=2)
-    work = types.SimpleNamespace(flops=1e9, ops=50, matmuls=4)
-    assert device.step_seconds(work, 2, compiled=False) == pytest.approx(2e-3)     # 2 GFLOP at 1 TFLOP/s
-    assert device.step_seconds(types.SimpleNamespace(flops=1e6, ops=50, matmuls=4), 1, compiled=False) \
-        == pytest.approx(500e-6)                                                   # 50 launches of 10 µs
-    assert device.step_seconds(types.SimpleNamespace(flops=1e6, ops=50, matmuls=4), 1, compiled=True) \
-        == pytest.approx(80e-6)                                                    # 8 fused launches
-
-
-def test_the_plan_for_an_assumed_device_counts_work_and_adds_compilation(nb, settings, tiny_data, monkeypatch):
+def test_the_plan_sums_what_the_evaluations_declare(nb, settings, tiny_data, monkeypatch):
+    """One source: a new evaluation that sends images through Inception is in the plan by its declaration alone."""
+    install_fake_inception(nb, monkeypatch)
     monkeypatch.setattr(nb, "inception_net", lambda device: FakeNet())
-    S = settings(MODELS="dcgan,conv_vae", FID_SAMPLES=16, COMPILE="on")
-    h100 = nb.DEVICE_ASSUMPTIONS["h100"]
-    plan = nb.plan_run(S, tiny_data, nb.selected_models(S), (), device=h100)
-    lines = plan["lines"]
-    assert all(line["train_s"] > 0 and line["compile_s"] == h100.compile_s for line in lines), lines
-    parts = sum(line["train_s"] + line["probe_s"] + line["eval_s"] + line["compile_s"] for line in lines)
-    assert plan["total_s"] == pytest.approx(parts + plan["reference_s"], abs=0.2)
+    S = settings(MODELS="dcgan,conv_vae", FID_SAMPLES=16)
+    before = {line["model"]: line["eval_images"] for line in nb.plan_run(S, tiny_data, nb.selected_models(S), ())["lines"]}
+    extra = nb.EvaluationStep("encode", lambda ctx: ([], {}), images=lambda model, S, n_test: 7)
+    monkeypatch.setattr(nb, "EVALUATIONS", nb.EVALUATIONS + [extra])
+    plan = nb.plan_run(S, tiny_data, nb.selected_models(S), ())
+    after = {line["model"]: line["eval_images"] for line in plan["lines"]}
+    assert after == {"dcgan": before["dcgan"], "conv_vae": before["conv_vae"] + 7}  # only models that can encode
     assert "sngan_resnet" in plan["other_models"] and "dcgan" not in plan["other_models"]
-    text = nb.plan_text(plan, S)
-    assert "not measured" in text and "compile s" in text and "MODELS=all would add" in text
-
-
-def test_an_unknown_device_for_the_plan_is_one_line(tmp_path):
-    out = run(tmp_path, args=["--plan", "--for", "h1000"])
-    assert out.returncode == 2 and out.stderr.strip() == "error: --for h1000 is unknown: use one of h100"
+    assert "MODELS=all would add" in nb.plan_text(plan, S)
 
 
 def test_weights_travel_in_parts_and_come_back_identical(tmp_path):
