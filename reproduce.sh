@@ -4,8 +4,7 @@
 # ./reproduce.sh train  training and checkpoints only (no Inception, no Jupyter; PYTHON=python3 skips .venv)
 # ./reproduce.sh evaluate  evaluation and report from existing checkpoints
 # ./reproduce.sh gpu-check [--minutes 10]  on one GPU: devices, speeds, then train the flagships for the time left
-# ./reproduce.sh plan [--for h100]   set up .venv, then print the run's plan and its estimated cost, here or on a
-#                      device it has not run on (trains nothing)
+# ./reproduce.sh plan   set up .venv, then print the run's plan and its cost timed on this machine (trains nothing)
 # ./reproduce.sh bench  set up .venv, then benchmark training (vs a plain loop), Inception and metrics on this device
 # Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
 set -euo pipefail
