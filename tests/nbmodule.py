@@ -149,26 +149,48 @@ def split_file(path, out_dir, part_mb=16):
     return manifest
 
 
+class PartsError(ValueError):
+    """A parts folder that cannot be joined: damaged, truncated, missing or reordered parts, or a bad manifest."""
+
+
 def join_parts(manifest, out_dir=None):
-    """The file a manifest describes, rebuilt from its parts beside it; every part and the whole are checked
-    against their SHA-256 (a missing or altered part is refused, naming it) and written atomically."""
+    """The file a manifest describes, rebuilt from its parts beside it. A parts folder is untrusted input: every part
+    and the whole are checked against their SHA-256 (a missing or altered part is refused, naming it), part names
+    are plain names inside the folder, and the result is written to a temporary file of unpredictable name created
+    exclusively (never through a link), then renamed over the target (replacing a link there, not following it)."""
     import hashlib
     import json
+    import tempfile
     manifest = Path(manifest)
-    spec = json.loads(manifest.read_text())
+    try:
+        spec = json.loads(manifest.read_text())
+        parts, name = spec["parts"], Path(str(spec["file"])).name
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PartsError(f"{manifest}: not a readable parts manifest ({type(err).__name__})") from None
     data = b""
-    for part in spec["parts"]:
-        chunk = (manifest.parent / part["name"]).read_bytes()
-        if hashlib.sha256(chunk).hexdigest() != part["sha256"]:
-            raise ValueError(f"{part['name']}: contents differ from the manifest; copy it again")
+    for part in parts:
+        part_name = str(part.get("name", "")) if isinstance(part, dict) else ""
+        if not part_name or Path(part_name).name != part_name or part_name in (".", ".."):
+            raise PartsError(f"{manifest}: part name {part_name!r} is not a plain file name in its folder")
+        try:
+            chunk = (manifest.parent / part_name).read_bytes()
+        except OSError as err:
+            raise PartsError(f"{part_name}: cannot be read ({type(err).__name__}); copy it again") from None
+        if hashlib.sha256(chunk).hexdigest() != part.get("sha256"):
+            raise PartsError(f"{part_name}: contents differ from the manifest; copy it again")
         data += chunk
-    if hashlib.sha256(data).hexdigest() != spec["sha256"]:
-        raise ValueError(f"{manifest}: the joined parts are not the file it describes")
-    target = Path(out_dir or manifest.parent) / Path(spec["file"]).name
+    if not name or hashlib.sha256(data).hexdigest() != spec.get("sha256"):
+        raise PartsError(f"{manifest}: the joined parts are not the file it describes")
+    target = Path(out_dir or manifest.parent) / name
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent)  # O_EXCL, random name
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return target
 
 
@@ -263,7 +285,11 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--split"] and len(sys.argv) in (4, 5):
         sys.exit(print(split_file(sys.argv[2], sys.argv[3], float(sys.argv[4]) if len(sys.argv) == 5 else 16)))
     if sys.argv[1:2] == ["--join"] and len(sys.argv) == 3:
-        sys.exit(print(join_parts(sys.argv[2])))
+        try:
+            sys.exit(print(join_parts(sys.argv[2])))
+        except PartsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
     if sys.argv[1:] == ["--script"]:
         sys.exit(run_script())
     if sys.argv[1:] == ["--plan"]:

@@ -124,6 +124,25 @@ def test_weights_travel_in_parts_and_come_back_identical(tmp_path):
         join_parts(manifest, tmp_path / "back")
 
 
+def test_a_hostile_parts_folder_neither_writes_through_links_nor_ends_in_a_traceback(tmp_path):
+    weights, victim = tmp_path / "model.pth", tmp_path / "victim.txt"
+    weights.write_bytes(os.urandom(3000))
+    victim.write_text("keep me")
+    manifest = split_file(weights, tmp_path / "parts", part_mb=1000 / 2 ** 20)
+    for name in ("model.pth", ".model.pth.tmp"):   # links planted at the output's and the old temporary's names
+        (tmp_path / "parts" / name).symlink_to(victim)
+    rebuilt = join_parts(manifest)
+    assert victim.read_text() == "keep me" and not rebuilt.is_symlink() and rebuilt.read_bytes() == weights.read_bytes()
+    spec = json.loads(manifest.read_text())
+    (tmp_path / "parts" / spec["parts"][2]["name"]).unlink()                       # a missing part
+    out = run(tmp_path, args=["--join", str(manifest)])
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: model.pth.part002: cannot be read")
+    assert "Traceback" not in out.stderr
+    manifest.write_text(json.dumps({**spec, "parts": [{**spec["parts"][0], "name": "../victim.txt"}]}))
+    out = run(tmp_path, args=["--join", str(manifest)])
+    assert out.returncode == 2 and "is not a plain file name" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_the_gpu_check_completes_on_the_cpu_with_tiny_budgets(tmp_path):
     env = {**os.environ, "WIDTH": "4", "BATCH_SIZE": "16", "N_TRAIN": "64", "DEVICE": "cpu",
            "CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "RESULTS_DIR": str(tmp_path / "results")}
