@@ -3,11 +3,18 @@
 # ./reproduce.sh test   set up .venv, lint the notebook and tests (ruff), then run the test suite
 # ./reproduce.sh train  training and checkpoints only (no Inception, no Jupyter; PYTHON=python3 skips .venv)
 # ./reproduce.sh evaluate  evaluation and report from existing checkpoints
+# ./reproduce.sh check  the checks alone (settings, folders, another run, data, checkpoints): one line per problem
 # ./reproduce.sh gpu-check [--minutes 10]  on one GPU: devices, speeds, then train the flagships for the time left
 # ./reproduce.sh plan   set up .venv, then print the run's plan and its cost timed on this machine (trains nothing)
 # ./reproduce.sh bench  set up .venv, then benchmark training (vs a plain loop), Inception and metrics on this device
 # Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
 set -euo pipefail
+# relative folders name places where the command was typed, as with any command-line tool: made absolute before
+# the cd into the repository (left empty, the folders are the repository's results/, checkpoints/, ...)
+for setting in RESULTS_DIR CHECKPOINT_DIR FIGURES_DIR DATA_DIR CACHE_DIR; do
+  value=${!setting:-}
+  if [ -n "$value" ] && [ "${value#/}" = "$value" ]; then export "$setting=$PWD/$value"; fi
+done
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
@@ -55,6 +62,10 @@ case "${1:-run}" in
     "$PY" tests/nbmodule.py --preflight || exit 2
     exec "$PY" tests/nbmodule.py --run
     ;;
+  check)
+    # the preflight alone: every setting, folder, lock, the data and the checkpoints; one line per problem, exit 2
+    exec "$PY" tests/nbmodule.py --preflight
+    ;;
   gpu-check)
     shift || true
     exec "$PY" tests/gpu_check.py "$@"
@@ -73,7 +84,7 @@ case "${1:-run}" in
     exec "$PY" tests/nbmodule.py --run
     ;;
   *)
-    echo "usage: ./reproduce.sh [train | evaluate | plan | gpu-check [args] | test [pytest args] | bench [args]]" >&2
+    echo "usage: ./reproduce.sh [train | evaluate | check | plan | gpu-check [args] | test [pytest args] | bench [args]]" >&2
     exit 2
     ;;
 esac

@@ -51,5 +51,5 @@ def install_fake_inception(nb, monkeypatch):
     def features(images, device):
         return images.float().flatten(1)[:, :64].double().numpy() / 255, None
     monkeypatch.setattr(nb, "inception_features", features)
-    monkeypatch.setattr(nb, "cached_features", lambda images, key, device: features(images, device))
+    monkeypatch.setattr(nb, "cached_features", lambda images, key, device, *cache: features(images, device))
     monkeypatch.setattr(nb, "inception_net", lambda device: types.SimpleNamespace(pipeline="fake-64", source="fake"))

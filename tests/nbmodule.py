@@ -225,9 +225,7 @@ def run_notebook(results_dir, path=NOTEBOOK):
 
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    # never through a link (the preflight refuses links in the output folders; this is the second guard)
-    log = os.fdopen(os.open(results / "run.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644),
-                    "a", buffering=1)
+    log = RunLog(results / "run.log")
     log.write(f"\n=== run started {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n")
 
     warning_state = {}
@@ -245,7 +243,7 @@ def run_notebook(results_dir, path=NOTEBOOK):
         def start_new_kernel(self, **kwargs):
             # the kernel process's own stdout/stderr (C-level warnings; a dying kernel's zmq traceback after
             # Ctrl-C) go to run.log, not the terminal: the terminal gets the cells' output and one error line
-            return super().start_new_kernel(stdout=log, stderr=log, **kwargs)
+            return super().start_new_kernel(stdout=log.stream(), stderr=log.stream(), **kwargs)
 
     def stop(signum, frame):
         raise KeyboardInterrupt  # unwinds through nbclient, which shuts the kernel down
@@ -271,12 +269,67 @@ def run_notebook(results_dir, path=NOTEBOOK):
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         code = 130
     finally:
-        executed = results / "notebook.executed.ipynb"
-        tmp = results / f".notebook.executed.{os.getpid()}.tmp"
-        nbformat.write(notebook, str(tmp))
-        os.replace(tmp, executed)  # replaces a link there, never writes through it
-        log.close()
+        refused = [m for m in (save_executed(notebook, results), log.close()) if m]
+        for message in dict.fromkeys(refused):  # the disk refused the runner's own files: one line each, exit 2
+            print(f"error: {message}", file=sys.stderr)
+        code = 2 if refused and code in (0, 2) else code
     return code
+
+
+def disk_message(err, path):
+    return (f"{path} could not be written ({os.strerror(err.errno) if err.errno else type(err).__name__}): free "
+            "space there, or point RESULTS_DIR at another disk; everything finished is kept")
+
+
+class RunLog:
+    """results/run.log, appended to, never through a link. A write the disk refuses (full, quota) is remembered,
+    not raised: the run goes on, and its end says so in one line."""
+
+    def __init__(self, path):
+        self.path, self.refused = path, None
+        try:
+            self.file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644),
+                                  "a", buffering=1)
+        except OSError as err:
+            self.file, self.refused = None, err
+
+    def write(self, text):
+        try:
+            if self.file is not None:
+                self.file.write(text)
+        except OSError as err:
+            self.refused = err
+
+    def stream(self):
+        """Where the kernel process's own output goes: the log file, or nowhere when it cannot be written."""
+        import subprocess
+        return self.file if self.file is not None and self.refused is None else subprocess.DEVNULL
+
+    def close(self):
+        """None, or the one line saying the log could not be written."""
+        try:
+            if self.file is not None:
+                self.file.close()
+        except OSError as err:
+            self.refused = err
+        return disk_message(self.refused, self.path) if self.refused else None
+
+
+def save_executed(notebook, results):
+    """RESULTS_DIR/notebook.executed.ipynb, written to a temporary file and renamed (replacing a link there, never
+    writing through it); None, or the one line saying the disk refused it."""
+    import nbformat
+    executed, tmp = results / "notebook.executed.ipynb", results / f".notebook.executed.{os.getpid()}.tmp"
+    try:
+        nbformat.write(notebook, str(tmp))
+        os.replace(tmp, executed)
+    except OSError as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return disk_message(err, executed)
+    return None
 
 
 if __name__ == "__main__":

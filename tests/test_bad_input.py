@@ -1,8 +1,10 @@
 """The next round of bad input and faults: each ends as a clean run or one line naming the fix."""
 import errno
 import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ import torch
 
 from conftest import install_fake_inception
 from nbmodule import without_warnings
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_a_kill_during_a_stage_models_second_epoch_resumes_to_identical_numbers(nb, settings, tiny_data, tmp_path,
@@ -219,3 +223,117 @@ def test_an_unwritable_results_folder_is_one_line(nb, settings, monkeypatch):
     monkeypatch.setattr(nb.Path, "write_text", refuse)
     errors = nb.output_folder_errors(S)
     assert len(errors) == 1 and "RESULTS_DIR=" in errors[0] and "cannot be written (PermissionError)" in errors[0]
+
+
+def test_a_replaced_image_with_an_older_date_changes_the_pixels_and_the_data_key(nb, settings, tmp_path):
+    """Data identity by content: what tar -x, cp -p and rsync -t leave (new bytes, an old modification time)."""
+    from PIL import Image
+    for k, colour in enumerate(("red", "green", "blue", "white")):
+        (tmp_path / "data" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "data" / f"c{k % 2}" / f"{k}.png")
+    S = settings(DATASET="folder", DATA_DIR=tmp_path / "data", CACHE_DIR=tmp_path / "cache", N_TRAIN="", BATCH_SIZE=1)
+    before = nb.load_dataset(S)
+    target = tmp_path / "data" / "c0" / "0.png"
+    old = target.stat().st_mtime - 3600
+    Image.new("RGB", (8, 8), "black").save(target)
+    os.utime(target, (old, old))
+    after = nb.load_dataset(S)
+    assert after.key != before.key and not torch.equal(torch.cat([after.train_x, after.test_x]).sort(0).values,
+                                                       torch.cat([before.train_x, before.test_x]).sort(0).values)
+
+
+def test_a_read_only_cache_folder_costs_the_cache_not_the_run(nb, settings, tmp_path, capsys):
+    from PIL import Image
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    for k in range(3):
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(tmp_path / "data" / "a" / f"{k}.png")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "folders").write_text("a file where the cache's folder should be")
+    S = settings(DATASET="folder", DATA_DIR=tmp_path / "data", CACHE_DIR=tmp_path / "cache", N_TRAIN="", BATCH_SIZE=1)
+    data = nb.load_dataset(S)
+    assert len(data.train_x) + len(data.test_x) == 3
+    assert "decoded images not cached (set CACHE_DIR to a writable folder)" in capsys.readouterr().out
+
+
+def test_a_full_disk_at_the_runners_own_writes_is_one_line_each(tmp_path, monkeypatch):
+    import nbformat
+    import nbmodule
+    log = nbmodule.RunLog(nbmodule.Path("/dev/full"))      # every write: ENOSPC
+    log.write("epoch 1\n" * 1000)
+    assert log.close().startswith("/dev/full could not be written (No space left on device): free space there")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(nbformat, "write", full)
+    message = nbmodule.save_executed(nbformat.v4.new_notebook(), tmp_path)
+    assert "notebook.executed.ipynb could not be written (No space left on device)" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def image_folder(root, n=6, classes=2):
+    from PIL import Image
+    for k in range(n):
+        (root / f"c{k % classes}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(root / f"c{k % classes}" / f"{k}.png")
+    return root
+
+
+def test_output_folders_inside_the_data_folder_are_refused_before_any_work(nb, settings, tmp_path):
+    data = image_folder(tmp_path / "data")
+    S = settings(DATASET="folder", DATA_DIR=data, N_TRAIN="", BATCH_SIZE=2, FIGURES_DIR=data / "figures")
+    with pytest.raises(nb.UserError, match=r"^FIGURES_DIR='.*figures' and DATA_DIR=.* lie one inside the other: .* "
+                                           r"point FIGURES_DIR outside DATA_DIR$"):
+        nb.preflight(S)
+
+
+def test_relative_folders_resolve_where_the_command_was_typed(tmp_path):
+    image_folder(tmp_path / "images")
+    env = {**os.environ, "PYTHON": sys.executable, "PROFILE": "smoke", "DEVICE": "cpu", "BATCH_SIZE": "2",
+           "DATASET": "folder", "DATA_DIR": "images", "RESULTS_DIR": "out/results", "CHECKPOINT_DIR": "out/ck",
+           "FIGURES_DIR": "out/figures", "CACHE_DIR": "out/cache"}
+    out = subprocess.run([str(REPO / "reproduce.sh"), "check"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "results").is_dir() and not (REPO / "out").exists()
+
+
+def test_settings_a_selected_model_cannot_train_with_are_refused_up_front(nb, settings):
+    with pytest.raises(nb.UserError, match=r"BATCH_SIZE=1: mlp_gan batch-normalises, which needs at least 2"):
+        nb.preflight(settings(MODELS="mlp_gan", BATCH_SIZE=1))
+    with pytest.raises(nb.SettingsError, match=r"LATENT_DIM='100000' is out of range"):
+        settings(LATENT_DIM=100000)
+
+
+def test_a_batch_larger_than_a_folders_images_is_refused_in_the_preflight(nb, settings, tmp_path):
+    data = image_folder(tmp_path / "data", n=10)
+    with pytest.raises(nb.UserError, match=r"^BATCH_SIZE=16 is larger than the 9 training images in DATA_DIR"):
+        nb.preflight(settings(DATASET="folder", DATA_DIR=data, N_TRAIN=""))
+
+
+def test_an_under_trained_checkpoint_is_refused_in_the_preflight_at_stage_evaluate(nb, settings, tiny_data):
+    nb.train_model("conv_vae", settings(EPOCHS=1), tiny_data)
+    with pytest.raises(nb.UserError, match=r"^STAGE=evaluate: .*conv_vae holds 1 of the 2 epochs this run asks for"):
+        nb.preflight(settings(EPOCHS=2, STAGE="evaluate", MODELS="conv_vae"))
+
+
+def test_checkpoint_claims_are_checked_against_what_they_can_be(nb, settings, tiny_data):
+    S = settings(EPOCHS=1)
+    trained = nb.train_model("conv_vae", S, tiny_data)
+    nb.save_best(nb.Path(S.checkpoint_dir) / "conv_vae", trained.model, 99, "track_kid", 0.5, trained.stamp)
+    ctx = types.SimpleNamespace(S=S, name="conv_vae", history=trained.history, stamp=trained.stamp,
+                                model=trained.model, rows=[])
+    with pytest.raises(nb.UserError, match=r"best.pt claims epoch 99 .* of a model trained 1 epochs: delete it"):
+        nb.best_checkpoint_rows(ctx)
+
+
+def test_a_mixture_fit_that_cannot_run_is_an_unavailable_row(nb, settings, tiny_data, monkeypatch):
+    import sklearn.mixture
+    S = settings(EPOCHS=1)
+    trained = nb.train_model("conv_vae", S, tiny_data)
+
+    def no_memory(self, x):
+        raise MemoryError
+    monkeypatch.setattr(sklearn.mixture.GaussianMixture, "fit", no_memory)
+    rows, _ = nb.latent_rows(types.SimpleNamespace(S=S, name="conv_vae", model=trained.model, data=tiny_data))
+    gmm = {r["metric"]: r for r in rows if r["metric"].endswith("_gmm")}
+    assert set(gmm) == {"fid_gmm", "kid_gmm"} and all(r["value"] is None for r in gmm.values())
+    assert "unavailable: the mixture fit failed (MemoryError)" in gmm["fid_gmm"]["note"]
