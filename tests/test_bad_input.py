@@ -337,3 +337,19 @@ def test_a_mixture_fit_that_cannot_run_is_an_unavailable_row(nb, settings, tiny_
     gmm = {r["metric"]: r for r in rows if r["metric"].endswith("_gmm")}
     assert set(gmm) == {"fid_gmm", "kid_gmm"} and all(r["value"] is None for r in gmm.values())
     assert "unavailable: the mixture fit failed (MemoryError)" in gmm["fid_gmm"]["note"]
+
+
+def test_training_facts_come_from_the_trainings_own_history(nb, settings, tiny_data):
+    """A model trained elsewhere (another device, precision, compile mode) is reported with its training's facts."""
+    S = settings(EPOCHS=1)
+    trained = nb.train_model("conv_vae", S, tiny_data)
+    assert trained.history[-1]["trained_with"] == "cpu, AMP off, COMPILE off"
+    history = [{**row, "trained_with": "cuda, AMP bf16, COMPILE on", "peak_memory_mb": 1234.5} for row in trained.history]
+    rows, _ = nb.training_facts(types.SimpleNamespace(history=history, name="conv_vae", model=trained.model, S=S,
+                                                      data=tiny_data))
+    facts = {r["metric"]: r["value"] for r in rows}
+    assert facts["trained_with"] == "cuda, AMP bf16, COMPILE on" and facts["peak_memory_mb"] == 1234.5
+    old = [{k: v for k, v in row.items() if k not in ("trained_with", "peak_memory_mb")} for row in trained.history]
+    rows, _ = nb.training_facts(types.SimpleNamespace(history=old, name="conv_vae", model=trained.model, S=S,
+                                                      data=tiny_data))
+    assert {r["metric"]: r["note"] for r in rows}["peak_memory_mb"].startswith("unavailable: not in its training history")
