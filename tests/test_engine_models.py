@@ -10,7 +10,7 @@ GAN_LOSS_KEYS = {"loss_d", "d_real", "d_fake"}
 
 
 def history_losses(history):
-    timing = ("seconds", "images_per_s", "steady_images_per_s", "compile_s", "elapsed_s")
+    timing = ("seconds", "images_per_s", "steady_images_per_s", "compile_s", "elapsed_s", "peak_memory_mb")
     return [{k: v for k, v in row.items() if k not in timing} for row in history]
 
 
