@@ -37,10 +37,17 @@ setup() {
   fi
 }
 
+strip_outputs_on_commit() {  # the ecosystem's convention: notebooks enter git without outputs (.gitattributes)
+  if [ -d .git ] && [ -x "$VENV/bin/nbstripout" ] && ! git config --get filter.nbstripout.clean >/dev/null 2>&1; then
+    "$VENV/bin/nbstripout" --install >/dev/null 2>&1 || echo "[reproduce] note: nbstripout's git filter not installed"
+  fi
+}
+
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON  # a prepared interpreter (a GPU node without internet): no .venv, nothing installed
 else
   setup
+  strip_outputs_on_commit
 fi
 case "${1:-run}" in
   test)
