@@ -20,7 +20,7 @@ def test_experiments_setting_names_studies(nb, settings):
     assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64, EXPERIMENTS="beta,seeds") == ("beta", "seeds")
     assert chosen(PROFILE="full", N_TRAIN=5000, BATCH_SIZE=64) == ()   # full's 30 minutes: studies are opt-in
     assert chosen(PROFILE="quick", N_TRAIN=5000, BATCH_SIZE=64, EXPERIMENTS="none") == ()
-    assert chosen(EXPERIMENTS="all") == tuple(nb.STUDIES) == ("beta", "grid", "optimizers", "seeds")
+    assert chosen(EXPERIMENTS="all") == tuple(nb.STUDIES) == ("beta", "grid", "optimizers", "seeds", "sweep")
     assert chosen(EXPERIMENTS="seeds, beta") == ("seeds", "beta")
     assert chosen(EXPERIMENTS="none") == ()
     with pytest.raises(nb.SettingsError, match="EXPERIMENTS='betas' names unknown studies betas"):
@@ -185,7 +185,8 @@ def experiment_run(nb, tmp_path_factory):
     install_fake_inception(nb, patch)
     tiny_data = make_tiny_data(nb)
     S = tiny_settings(nb, tmp_path_factory.mktemp("experiment"), EPOCHS=2, FID_SAMPLES=32, TRACK_EVERY=1,
-                      SAMPLE_EVERY=1, MODELS="dcgan,conv_vae", EXPERIMENTS="optimizers")
+                      SAMPLE_EVERY=1, MODELS="dcgan,conv_vae", EXPERIMENTS="optimizers,sweep,seeds",
+                      SWEEP="LATENT_DIM=16,32;SEED=42,43")
     reference = nb.build_reference(tiny_data, S)
     trained = {n: nb.train_model(n, S, tiny_data, reference) for n in nb.selected_models(S)}
     evaluations = {n: nb.evaluate_or_reuse(t, tiny_data, reference, S) for n, t in trained.items()}
@@ -211,10 +212,11 @@ def test_a_finished_sweep_is_reused_not_rerun(nb, experiment_run, tiny_data, cap
     assert (nb.Path(S.figures_dir) / "study_optimizers.png").exists()
 
 
-def test_each_study_writes_its_table_and_figure(nb, experiment_run, tiny_data):
+def test_each_study_writes_its_table_and_figure(nb, experiment_run, tiny_data, tmp_path):
     # the optimizer runs (reused, not retrained) stand in for each study's runs under that study's overrides
     S, reference = experiment_run
     done = nb.run_study("optimizers", S, tiny_data, reference)
+    S = nb.Settings(**{**S.as_dict(), "results_dir": str(tmp_path / "r"), "figures_dir": str(tmp_path / "f")})
     vae = [(r, t, e) for r, t, e in done if r.model == "conv_vae"]
     as_runs = {
         "beta": [(nb.ExperimentRun("beta", f"b{k}", "conv_vae", (("BETA", b), ("KL_WARMUP", w))), t, e)
@@ -264,7 +266,7 @@ def test_every_number_in_the_report_comes_from_a_results_file(nb, experiment_run
     body = report.split("## Comparison", 1)[1].split("## Figures", 1)[0]
     numbers = re.findall(NUMBER, body)
     assert numbers
-    missing = [x for x in numbers if x not in known and x not in ("10", "25", "0.25", "1", "2", "3")]  # thresholds, epochs
+    missing = [x for x in numbers if x not in known and x not in ("10", "25", "0.25", "1", "2", "3", "0.05")]  # thresholds
     assert not missing, missing
 
 
@@ -315,3 +317,66 @@ def test_grid_study_is_reference_003s_parameter_sets_with_its_early_stopping(nb,
     assert model.latent_dim == 256 and model.optimizers["vae"].param_groups[0]["lr"] == 5e-4 and R.batch_size == 64
     full = nb.Settings(**{**settings().as_dict(), "profile": "full"})
     assert all(dict(r.overrides)["EPOCHS"] == 60 for r in nb.study_runs("grid", full))  # room to stop early
+
+
+def test_a_sweep_varies_what_each_model_reads_and_refuses_a_bad_spec_in_one_line(nb, settings):
+    S = settings(MODELS="conv_vae,dcgan", SWEEP="LATENT_DIM=16,32")
+    runs = nb.study_runs("sweep", S)
+    assert [(r.model, r.overrides) for r in runs] == [("conv_vae", (("LATENT_DIM", "16"),)),
+                                                      ("conv_vae", (("LATENT_DIM", "32"),))]  # dcgan reads no latent
+    assert [nb.run_settings(S, r).latent_dim for r in runs] == [16, 32]
+    lr = nb.study_runs("sweep", settings(MODELS="conv_vae,dcgan", SWEEP="lr"))
+    assert {(r.model, r.overrides[0][0]) for r in lr} == {("conv_vae", "LR"), ("dcgan", "GAN_LR")} and len(lr) == 8
+    assert nb.run_settings(S, lr[-1]).gan_lr == 4e-4
+    with pytest.raises(nb.SettingsError, match=r"^SWEEP='NOPE=1': NOPE is not a setting a sweep can vary"):
+        settings(SWEEP="NOPE=1")
+    with pytest.raises(nb.SettingsError, match=r"^SWEEP: LATENT_DIM='-3' is out of range"):
+        settings(SWEEP="LATENT_DIM=-3")
+    with pytest.raises(nb.SettingsError, match=r"EXPERIMENTS='sweep' needs SWEEP: set it"):
+        nb.selected_studies(settings(EXPERIMENTS="sweep"))
+
+
+def test_the_sweep_runs_resume_and_reach_the_report(nb, experiment_run, tiny_data, capsys):
+    S, reference = experiment_run
+    capsys.readouterr()
+    done = nb.run_study("sweep", S, tiny_data, reference)   # a killed sweep reruns the same way: finished runs reload
+    out = capsys.readouterr().out
+    assert len(done) == 6 and out.count("evaluation reused") == 6
+    table = list(csv.DictReader(open(nb.Path(S.results_dir) / "experiments" / "sweep" / "table.csv")))
+    assert {(r["model"], r["latent_dim"], r["seed"]) for r in table if r["model"] == "conv_vae"} == \
+        {("conv_vae", d, s) for d in ("16", "32") for s in ("42", "43")}
+    assert (nb.Path(S.figures_dir) / "study_sweep.png").exists()
+    report = (nb.Path(S.results_dir) / "REPORT.md").read_text()
+    assert "## Reference 001's claims" in report and "## Significance (Welch's t-test" in report
+    assert "| Latent size 128 is the best quality/cost trade-off" in report
+
+
+def test_welch_and_holm_against_scipy_on_fixed_numbers(nb):
+    from scipy import stats
+    values = {"a": [10.0, 11.0, 12.0, 10.5], "b": [20.0, 21.0, 19.5], "c": [10.2, 11.4, 11.9]}
+    lines = nb.welch_table(values, "fid")
+    ab = next(t for t in lines if (t["a"], t["b"]) == ("a", "b"))
+    t, p = stats.ttest_ind(values["a"], values["b"], equal_var=False)
+    assert ab["t"] == pytest.approx(t) and ab["p"] == pytest.approx(p)
+    assert nb.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert ab["verdict"] == "a beats b" and ab["p_holm"] == pytest.approx(min(1, 3 * p))   # smallest of three p's
+    ac = next(t for t in lines if (t["a"], t["b"]) == ("a", "c"))
+    assert ac["verdict"] == "not distinguishable with 4 and 3 seeds"
+    higher = nb.welch_table({"a": [0.5, 0.52, 0.51], "b": [0.3, 0.31, 0.29]}, "probe_accuracy")
+    assert higher[0]["verdict"] == "a beats b"   # higher is better for the probe
+
+
+def test_reference_001_claims_get_verdicts_from_the_numbers(nb):
+    rows = [{"model": m, "metric": k, "value": v} for m, k, v in [
+        ("wgan_gp", "fid", 50.0), ("wgan_gp", "loss_g_instability", 0.3), ("sn_wgan_gp", "fid", 52.0),
+        ("sn_wgan_gp", "loss_g_instability", 0.1), ("dcgan", "fid", 45.0), ("dcgan_deep", "fid", 47.0),
+        ("conv_vae", "coverage", 0.9), ("dcgan", "coverage", 0.7)]]
+    sweep = [{"model": "conv_vae", "latent_dim": str(d), "fid": f} for d, f in ((64, 80.0), (128, 70.0), (256, 69.0))] + \
+        [{"model": "dcgan", "gan_lr": str(lr), "fid": f} for lr, f in ((1e-4, 60.0), (2e-4, 55.0))]
+    verdicts = {c["claim"].split(" (")[0]: c["verdict"] for c in nb.reference_001_claims(rows, {"sweep": sweep})}
+    assert verdicts == {"Learning rate 2e-4 is best for the GANs": "supported",
+                        "Learning rate 1e-3 is best for the VAE": "not measured at this budget",
+                        "Latent size 128 is the best quality/cost trade-off": "supported",
+                        "Spectral normalisation improves stability without hurting quality": "supported",
+                        "Deep DCGAN gives the best samples": "contradicted",
+                        "The VAE has the best mode coverage": "supported"}

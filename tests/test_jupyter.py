@@ -74,13 +74,15 @@ def test_an_interrupt_or_a_mistake_in_jupyter_is_one_line_and_frees_the_folders(
 
 
 def test_a_second_run_names_the_kernel_that_holds_the_folders(nb, settings, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    import builtins
+    ZMQInteractiveShell = type("ZMQInteractiveShell", (), {})
+    monkeypatch.setattr(builtins, "get_ipython", ZMQInteractiveShell, raising=False)
     monkeypatch.delenv("LAB_EXIT_WITH_PARENT", raising=False)
     assert nb.run_holder() == "a Jupyter kernel running the notebook"
     with pytest.raises(nb.UserError, match=r"in use by pid \d+, a Jupyter kernel running the notebook"):
         import subprocess
         S = settings()
-        code = (f"import sys, types; sys.modules['ipykernel'] = types.ModuleType('ipykernel'); "
+        code = (f"import builtins, sys; builtins.get_ipython = type('ZMQInteractiveShell', (), {{}}); "
                 f"sys.path.insert(0, {str(NOTEBOOK.parent / 'tests')!r}); from nbmodule import load_notebook, "
                 f"notebook_parameters; nb = load_notebook(); import os; "
                 f"S = nb.resolve_settings(notebook_parameters(), os.environ, cuda_available=False); nb.hold_run_locks(S); "

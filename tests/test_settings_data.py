@@ -100,7 +100,7 @@ def test_preflight_names_an_unknown_study_in_one_line(tmp_path):
                          "CHECKPOINT_DIR": str(tmp_path / "c"), "FIGURES_DIR": str(tmp_path / "f")}, cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: EXPERIMENTS='beta,betas' names unknown studies betas: use none, "
-                                               "all or a comma list of beta, grid, optimizers, seeds"]
+                                               "all or a comma list of beta, grid, optimizers, seeds, sweep"]
 
 
 def test_preflight_offline_cifar_unwritable_results_and_bad_checkpoint_dir(tmp_path):

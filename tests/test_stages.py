@@ -93,7 +93,8 @@ def test_the_plan_estimates_every_model_before_any_training(nb, settings, tiny_d
     assert lines["vqvae"]["eval_images"] == 16 + 16       # samples (after its prior) and reconstructions
     assert lines["conv_vae"]["probe_s"] > 0 and lines["dcgan"]["probe_s"] == 0
     text = nb.plan_text(plan, S)
-    assert text.startswith("# Plan") and "Estimated total:" in text and "beta (24 runs)" in text
+    assert text.startswith("# Plan") and "Estimated total:" in text and "beta (24 runs, ≈ " in text
+    assert "EXPERIMENTS=sweep with SWEEP= latent (" in text and plan["study_s"]["beta"] > 0
 
 
 def test_the_plan_sums_what_the_evaluations_declare(nb, settings, tiny_data, monkeypatch):
