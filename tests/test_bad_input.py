@@ -353,3 +353,26 @@ def test_training_facts_come_from_the_trainings_own_history(nb, settings, tiny_d
     rows, _ = nb.training_facts(types.SimpleNamespace(history=old, name="conv_vae", model=trained.model, S=S,
                                                       data=tiny_data))
     assert {r["metric"]: r["note"] for r in rows}["peak_memory_mb"].startswith("unavailable: not in its training history")
+
+
+def test_out_of_gpu_memory_mid_run_is_one_line_naming_the_model_and_the_setting(nb, settings, tiny_data, monkeypatch):
+    S = settings(EPOCHS=2)
+    nb.train_model("conv_vae", nb.Settings(**{**S.as_dict(), "epochs": 1}), tiny_data)   # one epoch finished
+    real_fit = nb.fit
+
+    def out_of_memory(model, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(nb, "fit", out_of_memory)
+    with pytest.raises(nb.UserError, match=r"^conv_vae ran out of GPU memory at BATCH_SIZE=16: lower BATCH_SIZE"):
+        nb.train_model("conv_vae", S, tiny_data)
+    monkeypatch.setattr(nb, "fit", real_fit)
+    assert len(nb.train_model("conv_vae", S, tiny_data).history) == 2   # resumed from the kept epoch
+
+
+def test_a_split_run_says_why_it_has_no_best_checkpoint_rows(nb, settings, tiny_data):
+    S = settings(EPOCHS=1, TRACK_EVERY=1)
+    trained = nb.train_model("dcgan", nb.Settings(**{**S.as_dict(), "stage": "train"}), tiny_data)  # no reference
+    rows, _ = nb.best_checkpoint_rows(types.SimpleNamespace(S=S, name="dcgan", history=trained.history,
+                                                            stamp=trained.stamp, model=trained.model, rows=[]))
+    assert [r["metric"] for r in rows] == ["best_epoch", "fid_best", "kid_best"]
+    assert all(r["value"] is None and "unavailable: its training tracked nothing" in r["note"] for r in rows)

@@ -158,3 +158,15 @@ def test_the_gpu_check_completes_on_the_cpu_with_tiny_budgets(tmp_path):
     for row in summary["trained"]:
         rebuilt = join_parts(tmp_path / "out" / row["weights_manifest"], tmp_path / "back")
         assert rebuilt.read_bytes() == (tmp_path / "checkpoints" / f"{row['model']}.pth").read_bytes()
+
+
+def test_a_model_that_does_not_fit_the_card_is_refused_by_the_plan_in_one_line(nb, settings, tiny_data, monkeypatch):
+    monkeypatch.setattr(nb, "inception_net", lambda device: FakeNet())
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(nb, "model_costs", out_of_memory)
+    S = settings(MODELS="dcgan")
+    with pytest.raises(nb.UserError, match=r"^dcgan does not fit in the GPU's memory at BATCH_SIZE=16 .*: lower "
+                                           r"BATCH_SIZE \(or WIDTH\)$"):
+        nb.plan_run(S, tiny_data, ["dcgan"], ())
