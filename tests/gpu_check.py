@@ -15,6 +15,8 @@ Everything goes to OUT (default results/gpu-check): gpu_check.json and the weigh
 import argparse
 import json
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -68,22 +70,34 @@ def benchmark(nb, S, data, steps, compiles=("off", "on")):
 
 
 def train(nb, S, data, seconds_left, out):
-    rows, share = [], seconds_left / len(FLAGSHIPS)
-    for k, name in enumerate(FLAGSHIPS):
-        per_image = 1 / images_per_s(nb, S, data, name, 2)
-        epochs = max(1, int(share / (per_image * len(data.train_x))))
-        T = nb.Settings(**{**S.as_dict(), "epochs": epochs})
+    """Every flagship for one epoch count (the most the minutes left allow for all three), so one command evaluates
+    them elsewhere; each model's final weights go to OUT in parts, with the sidecar evaluation reads."""
+    per_epoch = {name: len(data.train_x) / images_per_s(nb, S, data, name, 2) for name in FLAGSHIPS}
+    epochs = max(1, int(seconds_left / sum(per_epoch.values())))
+    T = nb.Settings(**{**S.as_dict(), "epochs": epochs})
+    rows = []
+    for name in FLAGSHIPS:
         start = time.perf_counter()
         trained = nb.train_model(name, T, data)
         seconds = round(time.perf_counter() - start, 1)
         weights = Path(T.checkpoint_dir) / f"{name}.pth"
         manifest = split_file(weights, out, part_mb=16)
+        shutil.copyfile(weights.with_suffix(".json"), out / f"{name}.json")   # stamp and history: evaluate needs them
         rows.append({"model": name, "epochs": epochs, "train_seconds": seconds,
                      "images_seen": trained.history[-1]["images_seen"], "weights_manifest": manifest.name,
                      "stamp": trained.stamp})
         print(f"trained {name}: {epochs} epochs in {seconds} s → {manifest}", flush=True)
-        share = (seconds_left - sum(r["train_seconds"] for r in rows)) / max(1, len(FLAGSHIPS) - k - 1)
-    return rows
+    return rows, epochs
+
+
+def evaluate_command(nb, out, epochs):
+    """The one command that evaluates what this check trained, on another machine with this repository."""
+    env = {"PROFILE": "full", "DATASET": "synthetic", "TRACK_EVERY": "0", "SAMPLE_EVERY": "0", "EXPERIMENTS": "none",
+           **{k: v for k, v in os.environ.items() if k in nb.RULES and k not in ("STAGE", "DEVICE")},
+           "EPOCHS": str(epochs), "MODELS": ",".join(FLAGSHIPS)}
+    settings_ = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    return (f"python tests/nbmodule.py --join-all {shlex.quote(str(out))} checkpoints && "
+            f"{settings_} ./reproduce.sh evaluate")
 
 
 def main():
@@ -106,10 +120,11 @@ def main():
     data = nb.load_dataset(S)
     bench = benchmark(nb, S, data, args.steps, tuple(args.compile.split(",")))
     left = args.minutes * 60 - (time.perf_counter() - began) - 30  # 30 s for writing the parts and the summary
-    trained = train(nb, S, data, max(left, 1.0), out)
-    (out / "gpu_check.json").write_text(json.dumps({**about, "benchmark": bench, "trained": trained,
+    trained, epochs = train(nb, S, data, max(left, 1.0), out)
+    command = evaluate_command(nb, out, epochs)
+    (out / "gpu_check.json").write_text(json.dumps({**about, "benchmark": bench, "trained": trained, "evaluate": command,
                                                     "wall_seconds": round(time.perf_counter() - began, 1)}, indent=1))
-    print(f"written: {out / 'gpu_check.json'} and the weight parts; evaluate elsewhere with the same settings")
+    print(f"written: {out / 'gpu_check.json'} and the weight parts; to evaluate them on any machine:\n{command}")
 
 
 if __name__ == "__main__":

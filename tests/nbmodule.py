@@ -194,6 +194,22 @@ def join_parts(manifest, out_dir=None):
     return target
 
 
+def join_all(parts_dir, checkpoint_dir):
+    """Every weight file of a parts folder (what gpu-check sends back) rebuilt into CHECKPOINT_DIR, with the sidecars
+    (<model>.json: stamp and history) that STAGE=evaluate reads beside the weights."""
+    import shutil
+    parts_dir, checkpoint_dir = Path(parts_dir), Path(checkpoint_dir)
+    joined = [join_parts(manifest, checkpoint_dir) for manifest in sorted(parts_dir.glob("*.parts.json"))]
+    for weights in joined:
+        sidecar = parts_dir / weights.with_suffix(".json").name
+        if not sidecar.is_file() or sidecar.is_symlink():
+            raise PartsError(f"{sidecar}: missing; it travels beside the weight parts (copy it again)")
+        shutil.copyfile(sidecar, checkpoint_dir / sidecar.name)
+    if not joined:
+        raise PartsError(f"{parts_dir}: no *.parts.json manifests: point at the folder gpu-check wrote")
+    return joined
+
+
 def plan_cli(environ=None):
     """./reproduce.sh plan: the run's plan (budgets, seconds measured on this machine, evaluation images, studies)
     printed and written to RESULTS_DIR/plan.md; nothing is trained."""
@@ -337,9 +353,9 @@ if __name__ == "__main__":
         sys.exit(preflight())
     if sys.argv[1:2] == ["--split"] and len(sys.argv) in (4, 5):
         sys.exit(print(split_file(sys.argv[2], sys.argv[3], float(sys.argv[4]) if len(sys.argv) == 5 else 16)))
-    if sys.argv[1:2] == ["--join"] and len(sys.argv) == 3:
+    if sys.argv[1:2] in (["--join"], ["--join-all"]) and len(sys.argv) == (3 if sys.argv[1] == "--join" else 4):
         try:
-            sys.exit(print(join_parts(sys.argv[2])))
+            sys.exit(print(join_parts(sys.argv[2]) if sys.argv[1] == "--join" else join_all(*sys.argv[2:4])))
         except PartsError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)

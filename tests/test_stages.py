@@ -144,20 +144,37 @@ def test_a_hostile_parts_folder_neither_writes_through_links_nor_ends_in_a_trace
     assert out.returncode == 2 and "is not a plain file name" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_the_gpu_check_completes_on_the_cpu_with_tiny_budgets(tmp_path):
-    env = {**os.environ, "WIDTH": "4", "BATCH_SIZE": "16", "N_TRAIN": "64", "DEVICE": "cpu",
-           "CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "RESULTS_DIR": str(tmp_path / "results")}
+def test_one_lease_is_enough_gpu_check_then_parts_then_evaluate_equals_a_one_piece_run(tmp_path):
+    """The chain a short GPU lease runs, at tiny size on the CPU: gpu-check trains the flagships and sends back
+    weight parts; on another machine they are joined and evaluated with the command it printed; the metrics equal
+    those of a one-piece run of the same settings."""
+    tiny = {"WIDTH": "4", "BATCH_SIZE": "16", "N_TRAIN": "64", "DEVICE": "cpu", "FID_SAMPLES": "16"}
+    env = {**os.environ, **tiny, "CHECKPOINT_DIR": str(tmp_path / "gpu" / "checkpoints"),
+           "RESULTS_DIR": str(tmp_path / "gpu" / "results")}
+    (tmp_path / "gpu").mkdir()
     out = subprocess.run([sys.executable, str(TESTS / "gpu_check.py"), "--minutes", "0.05", "--steps", "1",
                           "--compile", "off", "--out", str(tmp_path / "out")], env=env, capture_output=True,
-                         text=True, cwd=tmp_path)
+                         text=True, cwd=tmp_path / "gpu")
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert [r["model"] for r in summary["benchmark"]] == ["sngan_resnet", "dcgan", "conv_vae"]
     assert all(r["engine_epoch_images_per_s"] > 0 and r["step_compile_off_amp_bf16_images_per_s"] > 0
                for r in summary["benchmark"])
-    for row in summary["trained"]:
-        rebuilt = join_parts(tmp_path / "out" / row["weights_manifest"], tmp_path / "back")
-        assert rebuilt.read_bytes() == (tmp_path / "checkpoints" / f"{row['model']}.pth").read_bytes()
+    assert len({r["epochs"] for r in summary["trained"]}) == 1 and summary["evaluate"] in out.stdout
+    epochs = summary["trained"][0]["epochs"]
+    same = {"PROFILE": "full", "DATASET": "synthetic", "TRACK_EVERY": "0", "SAMPLE_EVERY": "0", "EXPERIMENTS": "none",
+            "EPOCHS": str(epochs), "MODELS": "sngan_resnet,dcgan,conv_vae"}
+    for folder in ("elsewhere", "whole"):
+        (tmp_path / folder).mkdir()
+        for name in ("notebook.ipynb", "tests"):
+            os.symlink(TESTS.parent / name, tmp_path / folder / name)
+    joined = run(tmp_path / "elsewhere", args=["--join-all", str(tmp_path / "out"), "checkpoints"])
+    assert joined.returncode == 0, joined.stderr
+    evaluated = run(tmp_path / "elsewhere", args=["--script"], STAGE="evaluate", **tiny, **same)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    whole = run(tmp_path / "whole", args=["--script"], **tiny, **same)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert metrics(tmp_path / "elsewhere") == metrics(tmp_path / "whole")
 
 
 def test_a_model_that_does_not_fit_the_card_is_refused_by_the_plan_in_one_line(nb, settings, tiny_data, monkeypatch):
