@@ -77,3 +77,11 @@ def test_no_cell_calls_code_defined_below_it():
     late = [f"code cell {k} reads {name}, defined in code cell {first_definition[name]}"
             for k, (_, used) in enumerate(cells) for name in sorted(used) if first_definition.get(name, k) > k]
     assert late == []
+
+
+def test_notebook_outputs_never_reach_a_commit():
+    """nbstripout as the git filter of every notebook, installed by ./reproduce.sh; other output folders ignored."""
+    root = NOTEBOOK.parent
+    assert "*.ipynb filter=nbstripout" in (root / ".gitattributes").read_text().splitlines()
+    assert "nbstripout --install" in (root / "reproduce.sh").read_text()
+    assert {"/results?*/", "/checkpoints?*/", "/figures?*/"} <= set((root / ".gitignore").read_text().splitlines())
