@@ -83,5 +83,5 @@ def test_notebook_outputs_never_reach_a_commit():
     """nbstripout as the git filter of every notebook, installed by ./reproduce.sh; other output folders ignored."""
     root = NOTEBOOK.parent
     assert "*.ipynb filter=nbstripout" in (root / ".gitattributes").read_text().splitlines()
-    assert "nbstripout --install" in (root / "reproduce.sh").read_text()
+    assert 'nbstripout" --install' in (root / "reproduce.sh").read_text()
     assert {"/results?*/", "/checkpoints?*/", "/figures?*/"} <= set((root / ".gitignore").read_text().splitlines())
