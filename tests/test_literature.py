@@ -166,6 +166,14 @@ def test_probe_uses_every_training_image_and_both_views(nb, settings, tiny_data)
     assert hidden["metric"] == "probe_accuracy_hidden" and "16-d" in hidden["note"]   # WIDTH 4: 4w channels
 
 
+def test_the_raw_pixel_baseline_trains_on_the_same_images_as_every_models_probe(nb, settings, tiny_data):
+    S = settings()
+    ref = nb.build_reference(tiny_data, S)
+    pixels = next(r for r in nb.sanity_rows(tiny_data, ref, S) if r["model"] == "raw pixels")
+    assert pixels["metric"] == "probe_accuracy" and isinstance(pixels["value"], float)
+    assert f"refit on all {len(tiny_data.train_x)} train images" in pixels["note"] and "chosen on a held-out" in pixels["note"]
+
+
 def test_full_profile_code_paths_run_on_the_cpu(nb, tiny_data, tmp_path, fake_inception):
     """PROFILE=full with tiny overrides: wide-net builders, EMA on, tracking by FID, best checkpoint, LR decay."""
     env = {"PROFILE": "full", "DEVICE": "cpu", "DATASET": "synthetic", "WIDTH": "8", "BATCH_SIZE": "16",

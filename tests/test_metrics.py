@@ -83,6 +83,28 @@ def test_linear_probe_on_separable_latents(nb):
     assert accuracy > 0.98
 
 
+def test_the_probe_chooses_its_regularisation_on_held_out_training_features_not_the_test_set(nb):
+    """Few images, many noisy dimensions: the held-out split must pick a C (the one scoring best there, ties to the
+    stronger), the refit uses every training image, and the test labels never influence the choice."""
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 260)
+    z = rng.standard_normal((260, 200)) + np.eye(200)[y] * 1.5
+    train, test = slice(0, 200), slice(200, 260)
+    accuracy, probe = nb.fit_linear_probe(z[train], y[train], z[test], y[test])
+    chosen = probe[-1].C
+    order = np.random.default_rng(0).permutation(200)
+    val, fit = order[:20], order[20:]
+    scaled = probe[0].transform(z[train])
+    held_out = {c: (LogisticRegression(C=c, max_iter=2000).fit(scaled[fit], y[train][fit]).predict(scaled[val])
+                    == y[train][val]).mean() for c in nb.PROBE_C}
+    assert chosen in nb.PROBE_C and held_out[chosen] >= max(held_out.values()) - 0.051  # one held-out image
+    assert f"C={chosen:g} chosen on a held-out 10% of the training images" in probe.protocol
+    assert "refit on all 200 train images" in probe.protocol
+    shuffled = nb.fit_linear_probe(z[train], y[train], z[test], rng.permutation(y[test]))[1]
+    assert shuffled[-1].C == chosen and accuracy == (probe.predict(z[test]) == y[test]).mean()
+
+
 def test_class_coverage(nb):
     hist, covered, kl = nb.class_coverage(np.array([0] * 99 + [1]), classes=10)
     assert covered == 2 and hist[0] == pytest.approx(0.99)

@@ -35,25 +35,6 @@ def metrics(folder):
                                        "peak_memory_mb", "eval_seconds")}
 
 
-def test_train_without_jupyter_then_evaluate_gives_the_one_piece_numbers(tmp_path):
-    repo = TESTS.parent
-    (tmp_path / "split").mkdir()
-    (tmp_path / "whole").mkdir()
-    for name in ("notebook.ipynb", "tests"):
-        os.symlink(repo / name, tmp_path / "split" / name)
-        os.symlink(repo / name, tmp_path / "whole" / name)
-    train = run(tmp_path / "split", NO_JUPYTER, STAGE="train")
-    assert train.returncode == 0, train.stderr[-2000:]
-    assert (tmp_path / "split" / "checkpoints" / "dcgan.pth").exists()
-    assert not (tmp_path / "split" / "results" / "metrics.csv").exists()        # trained, not evaluated
-    evaluate = run(tmp_path / "split", args=["--script"], STAGE="evaluate")
-    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
-    assert "not retraining" in evaluate.stdout
-    whole = run(tmp_path / "whole", args=["--script"])
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    assert metrics(tmp_path / "split") == metrics(tmp_path / "whole")
-
-
 def test_evaluate_without_trained_checkpoints_is_one_line(tmp_path):
     """./reproduce.sh evaluate stops in its preflight, before the plan or any data is loaded."""
     repo = TESTS.parent
@@ -144,12 +125,22 @@ def test_a_hostile_parts_folder_neither_writes_through_links_nor_ends_in_a_trace
     assert out.returncode == 2 and "is not a plain file name" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_one_lease_is_enough_gpu_check_then_parts_then_evaluate_equals_a_one_piece_run(tmp_path):
-    """The chain a short GPU lease runs, at tiny size on the CPU: gpu-check trains the flagships and sends back
-    weight parts; on another machine they are joined and evaluated with the command it printed; the metrics equal
-    those of a one-piece run of the same settings."""
-    tiny = {"WIDTH": "4", "BATCH_SIZE": "16", "N_TRAIN": "64", "DEVICE": "cpu", "FID_SAMPLES": "16"}
-    env = {**os.environ, **tiny, "CHECKPOINT_DIR": str(tmp_path / "gpu" / "checkpoints"),
+FLAGSHIPS_TINY = {"WIDTH": "4", "BATCH_SIZE": "16", "N_TRAIN": "64", "DEVICE": "cpu", "FID_SAMPLES": "16"}
+
+
+def linked_folder(tmp_path, name):
+    (tmp_path / name).mkdir()
+    for entry in ("notebook.ipynb", "tests"):
+        os.symlink(TESTS.parent / entry, tmp_path / name / entry)
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def lease(tmp_path_factory):
+    """A short GPU lease at tiny size on the CPU: gpu-check trains the flagships and sends back weight parts, and a
+    one-piece run of the same settings beside it → (folder, gpu_check.json, its stdout, those settings)."""
+    tmp_path = tmp_path_factory.mktemp("lease")
+    env = {**os.environ, **FLAGSHIPS_TINY, "CHECKPOINT_DIR": str(tmp_path / "gpu" / "checkpoints"),
            "RESULTS_DIR": str(tmp_path / "gpu" / "results")}
     (tmp_path / "gpu").mkdir()
     out = subprocess.run([sys.executable, str(TESTS / "gpu_check.py"), "--minutes", "0.05", "--steps", "1",
@@ -157,24 +148,42 @@ def test_one_lease_is_enough_gpu_check_then_parts_then_evaluate_equals_a_one_pie
                          text=True, cwd=tmp_path / "gpu")
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    same = {**FLAGSHIPS_TINY, "PROFILE": "full", "DATASET": "synthetic", "TRACK_EVERY": "0", "SAMPLE_EVERY": "0",
+            "EXPERIMENTS": "none", "EPOCHS": str(summary["trained"][0]["epochs"]),
+            "MODELS": "sngan_resnet,dcgan,conv_vae"}
+    whole = run(linked_folder(tmp_path, "whole"), args=["--script"], **same)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    return tmp_path, summary, out.stdout, same
+
+
+def test_one_lease_is_enough_gpu_check_then_parts_then_evaluate_equals_a_one_piece_run(lease):
+    """The chain a short GPU lease runs: gpu-check's weight parts, joined and evaluated on another machine with the
+    command it printed, give the metrics of a one-piece run of the same settings."""
+    tmp_path, summary, stdout, same = lease
     assert [r["model"] for r in summary["benchmark"]] == ["sngan_resnet", "dcgan", "conv_vae"]
     assert all(r["engine_epoch_images_per_s"] > 0 and r["step_compile_off_amp_bf16_images_per_s"] > 0
                for r in summary["benchmark"])
-    assert len({r["epochs"] for r in summary["trained"]}) == 1 and summary["evaluate"] in out.stdout
-    epochs = summary["trained"][0]["epochs"]
-    same = {"PROFILE": "full", "DATASET": "synthetic", "TRACK_EVERY": "0", "SAMPLE_EVERY": "0", "EXPERIMENTS": "none",
-            "EPOCHS": str(epochs), "MODELS": "sngan_resnet,dcgan,conv_vae"}
-    for folder in ("elsewhere", "whole"):
-        (tmp_path / folder).mkdir()
-        for name in ("notebook.ipynb", "tests"):
-            os.symlink(TESTS.parent / name, tmp_path / folder / name)
-    joined = run(tmp_path / "elsewhere", args=["--join-all", str(tmp_path / "out"), "checkpoints"])
+    assert len({r["epochs"] for r in summary["trained"]}) == 1 and summary["evaluate"] in stdout
+    elsewhere = linked_folder(tmp_path, "elsewhere")
+    joined = run(elsewhere, args=["--join-all", str(tmp_path / "out"), "checkpoints"])
     assert joined.returncode == 0, joined.stderr
-    evaluated = run(tmp_path / "elsewhere", args=["--script"], STAGE="evaluate", **tiny, **same)
+    evaluated = run(elsewhere, args=["--script"], STAGE="evaluate", **same)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    whole = run(tmp_path / "whole", args=["--script"], **tiny, **same)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    assert metrics(tmp_path / "elsewhere") == metrics(tmp_path / "whole")
+    assert metrics(elsewhere) == metrics(tmp_path / "whole")
+
+
+def test_train_without_jupyter_then_evaluate_gives_the_one_piece_numbers(lease):
+    """./reproduce.sh train on a node without Jupyter, pytorch-fid or mistune, then ./reproduce.sh evaluate."""
+    tmp_path, _, _, same = lease
+    split = linked_folder(tmp_path, "split")
+    train = run(split, NO_JUPYTER, STAGE="train", **same)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert (split / "checkpoints" / "dcgan" / "last.pt").exists()
+    assert not (split / "results" / "metrics.csv").exists()        # trained, not evaluated
+    evaluate = run(split, args=["--script"], STAGE="evaluate", **same)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert "not retraining" in evaluate.stdout
+    assert metrics(split) == metrics(tmp_path / "whole")
 
 
 def test_a_model_that_does_not_fit_the_card_is_refused_by_the_plan_in_one_line(nb, settings, tiny_data, monkeypatch):
