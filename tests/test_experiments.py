@@ -139,7 +139,10 @@ def test_findings_name_the_metric_and_threshold(nb):
     seeds = {"seeds": [{"model": "gan_a", "fid": 31.0, "fid_ci95": 2.5, "fid_n": 3}]}
     text = "\n".join(nb.findings(rows, seeds, 10))
     assert "gan_a has the lowest FID, 30 (1000 samples, 31 ± 2.5 over 3 seeds)" in text
-    assert "vae_a's encoder gives the best linear probe, 0.45 (raw pixels: 0.3)" in text
+    assert "vae_a's encoder gives the best linear probe, 0.45 (raw pixels, same images: 0.3)." in text
+    rows[1] = row("raw pixels", "probe_accuracy", 0.5)   # a probe below the pixels is said to fall short of them
+    assert ("vae_a's encoder gives the best linear probe, 0.45 — not above the raw-pixel baseline on the same "
+            "images, 0.5") in "\n".join(nb.findings(rows, seeds, 10))
     lines = nb.findings(rows, seeds, 10)
     assert "Posterior collapse (active_units; threshold: < 10 % of the latent units active): vae_a 3 of 64." in lines
     assert ("Mode collapse (classes_covered; threshold: ≤ half of the 10 classes, of samples on the data by "
