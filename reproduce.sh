@@ -43,7 +43,7 @@ setup() {
 
 strip_outputs_on_commit() {  # the ecosystem's convention: notebooks enter git without outputs (.gitattributes)
   if [ -d .git ] && [ -x "$VENV/bin/nbstripout" ] && ! git config --get filter.nbstripout.clean >/dev/null 2>&1; then
-    "$VENV/bin/nbstripout" --install >/dev/null 2>&1 || echo "[reproduce] note: nbstripout's git filter not installed"
+    "$VENV/bin/nbstripout" --install --attributes .gitattributes >/dev/null 2>&1 || echo "[reproduce] note: nbstripout's git filter not installed"
   fi
 }
 
