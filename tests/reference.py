@@ -86,6 +86,14 @@ def load_shipped(nb, name, model_name, S, root=ROOT):
     return model
 
 
+def copy_weights(source, target):
+    """Every final-weights file of source (those with a sidecar: not the deliverables' copies) into target."""
+    Path(target).mkdir(parents=True, exist_ok=True)
+    for sidecar in Path(source).glob("*.json"):
+        shutil.copyfile(sidecar.with_suffix(".pth"), Path(target) / f"{sidecar.stem}.pth")
+        shutil.copyfile(sidecar, Path(target) / sidecar.name)
+
+
 def file_sha1(path):
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
 
@@ -119,10 +127,7 @@ def ship(name, wall_seconds):
     run.json and the folders' READMEs."""
     results, weights = folders(name)
     run_checkpoints = ROOT / "checkpoints" / "reference-run" / name
-    weights.mkdir(parents=True, exist_ok=True)
-    for sidecar in run_checkpoints.glob("*.json"):   # vae_model.pth / gan_model.pth: the deliverables' copies
-        shutil.copyfile(sidecar.with_suffix(".pth"), weights / f"{sidecar.stem}.pth")
-        shutil.copyfile(sidecar, weights / sidecar.name)
+    copy_weights(run_checkpoints, weights)
     write_checks(load_notebook(), name)
     (results / "run.json").write_text(json.dumps({
         "command": " ".join(f"{k}={v}" for k, v in REFERENCES[name].items()) + " ./reproduce.sh",
@@ -178,9 +183,7 @@ def verify_full(name):
         print(f"error: {name}: no data at {REFERENCES[name]['DATA_DIR']}: {DATA_HELP[name]}", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory() as tmp:
-        for path in weights.glob("*.pth"):
-            shutil.copyfile(path, Path(tmp) / path.name)
-            shutil.copyfile(path.with_suffix(".json"), Path(tmp) / f"{path.stem}.json")
+        copy_weights(weights, tmp)
         env = {**os.environ, **REFERENCES[name], "STAGE": "evaluate", "RESULTS_DIR": str(Path(tmp) / "results"),
                "FIGURES_DIR": str(Path(tmp) / "figures"), "CHECKPOINT_DIR": tmp,
                "MODELS": ",".join(shipped_models(name))}
