@@ -59,7 +59,13 @@ case "${1:-run}" in
     # lint first: pyflakes and pycodestyle rules over the notebook's code cells (ruff reads .ipynb) and the tests
     "$VENV/bin/ruff" check --quiet --select E,F,W --ignore E731 --line-length 120 notebook.ipynb
     "$VENV/bin/ruff" check --quiet --select E,F,W --ignore E731 --line-length 140 tests
-    exec "$PY" -m pytest tests "$@"
+    # one worker per core (pytest-xdist), each on one thread (threads of two workers on the same cores spin against
+    # each other); a file stays on one worker, so a module's shared run is made once; the longest file starts first
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    targets=(tests/test_notebook_e2e.py tests)
+    for arg in "$@"; do case $arg in tests*|*.py*) targets=() ;; esac; done  # tests named: just those
+    exec "$PY" -m pytest -n "${TEST_WORKERS:-auto}" --dist loadfile --no-loadscope-reorder \
+      ${targets[@]+"${targets[@]}"} "$@"
     ;;
   train)
     # training and checkpoints only: no Inception, no Jupyter (every code cell run as one script)

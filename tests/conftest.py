@@ -53,3 +53,23 @@ def install_fake_inception(nb, monkeypatch):
     monkeypatch.setattr(nb, "inception_features", features)
     monkeypatch.setattr(nb, "cached_features", lambda images, key, device, *cache: features(images, device))
     monkeypatch.setattr(nb, "inception_net", lambda device: types.SimpleNamespace(pipeline="fake-64", source="fake"))
+
+
+class FakeInceptionNet:
+    """The stand-in as a network object (features = the first 64 pixel values), for a notebook run as a script."""
+    pipeline, source = "fake-64", "fake"
+
+    def __call__(self, images, batch_size=None):
+        return images.float().flatten(1)[:, :64].double().numpy() / 255, None
+
+
+def fake_inception_in(namespace):
+    """run_script's after_cell: once the notebook defined its network cache, the stand-in is the CPU's network."""
+    if "_INCEPTION" in namespace:
+        namespace["_INCEPTION"].setdefault("cpu", FakeInceptionNet())
+
+
+# `python -c SCRIPT_WITH_FAKE_INCEPTION` in a run's folder (with tests/ in it): `nbmodule.py --script`, with the
+# stand-in network — for tests that compare two runs' numbers, which need any fixed features, not Inception's
+SCRIPT_WITH_FAKE_INCEPTION = ("import sys; sys.path.insert(0, 'tests'); import conftest, nbmodule; "
+                              "sys.exit(nbmodule.run_script(after_cell=conftest.fake_inception_in))")

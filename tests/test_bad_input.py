@@ -12,6 +12,7 @@ import torch
 
 from conftest import install_fake_inception
 from nbmodule import without_warnings
+from test_notebook_e2e import reproduce
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -376,3 +377,16 @@ def test_a_split_run_says_why_it_has_no_best_checkpoint_rows(nb, settings, tiny_
                                                             stamp=trained.stamp, model=trained.model, rows=[]))
     assert [r["metric"] for r in rows] == ["best_epoch", "fid_best", "kid_best"]
     assert all(r["value"] is None and "unavailable: its training tracked nothing" in r["note"] for r in rows)
+
+
+def test_poisoned_checkpoint_ends_in_one_line_without_a_traceback(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+    (tmp_path / "checkpoints" / "dcgan").mkdir(parents=True)
+    torch.save({"evil": Payload()}, tmp_path / "checkpoints" / "dcgan" / "last.pt")
+    code, out, err = reproduce(tmp_path, MODELS="dcgan")
+    assert code == 2 and "Traceback" not in err and "code ran" not in out
+    assert err.strip().splitlines()[-1].startswith("error: checkpoint checkpoints/dcgan/last.pt holds objects other "
+                                                   "than tensors")
+    assert "Traceback" in (tmp_path / "results" / "run.log").read_text()   # kept for whoever debugs

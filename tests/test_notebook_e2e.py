@@ -1,6 +1,6 @@
 """The whole notebook through the command reproduce.sh runs (preflight, then nbconvert with live output),
 PROFILE=smoke, every model, in a temporary folder — then once more, which must reuse every checkpoint and
-evaluation; then the run's failure paths, each of which must end in one line and exit code 2."""
+evaluation; then a changed setting against its checkpoints, which must end in one line and exit code 2."""
 import csv
 import json
 import subprocess
@@ -148,15 +148,3 @@ def test_changed_setting_against_old_checkpoints_stops_in_the_preflight(run):
     assert code == 2 and "Traceback" not in err and lines
     assert all(line.startswith("error: CHECKPOINT_DIR:") and "width 8 → 16" in line for line in lines)
 
-
-def test_poisoned_checkpoint_ends_in_one_line_without_a_traceback(run, tmp_path):
-    class Payload:
-        def __reduce__(self):
-            return (print, ("code ran",))
-    (tmp_path / "checkpoints" / "dcgan").mkdir(parents=True)
-    torch.save({"evil": Payload()}, tmp_path / "checkpoints" / "dcgan" / "last.pt")
-    code, out, err = reproduce(tmp_path, MODELS="dcgan")
-    assert code == 2 and "Traceback" not in err and "code ran" not in out
-    assert err.strip().splitlines()[-1].startswith("error: checkpoint checkpoints/dcgan/last.pt holds objects other "
-                                                   "than tensors")
-    assert "Traceback" in (tmp_path / "results" / "run.log").read_text()   # kept for whoever debugs

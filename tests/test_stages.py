@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import install_fake_inception
+from conftest import SCRIPT_WITH_FAKE_INCEPTION, install_fake_inception
 from nbmodule import join_parts, split_file
 from reference import TIMINGS
 
@@ -151,7 +151,7 @@ def lease(tmp_path_factory):
     same = {**FLAGSHIPS_TINY, "PROFILE": "full", "DATASET": "synthetic", "TRACK_EVERY": "0", "SAMPLE_EVERY": "0",
             "EXPERIMENTS": "none", "EPOCHS": str(summary["trained"][0]["epochs"]),
             "MODELS": "sngan_resnet,dcgan,conv_vae"}
-    whole = run(linked_folder(tmp_path, "whole"), args=["--script"], **same)
+    whole = run(linked_folder(tmp_path, "whole"), SCRIPT_WITH_FAKE_INCEPTION, **same)
     assert whole.returncode == 0, whole.stderr[-2000:]
     return tmp_path, summary, out.stdout, same
 
@@ -167,7 +167,7 @@ def test_one_lease_is_enough_gpu_check_then_parts_then_evaluate_equals_a_one_pie
     elsewhere = linked_folder(tmp_path, "elsewhere")
     joined = run(elsewhere, args=["--join-all", str(tmp_path / "out"), "checkpoints"])
     assert joined.returncode == 0, joined.stderr
-    evaluated = run(elsewhere, args=["--script"], STAGE="evaluate", **same)
+    evaluated = run(elsewhere, SCRIPT_WITH_FAKE_INCEPTION, STAGE="evaluate", **same)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert metrics(elsewhere) == metrics(tmp_path / "whole")
 
@@ -180,7 +180,7 @@ def test_train_without_jupyter_then_evaluate_gives_the_one_piece_numbers(lease):
     assert train.returncode == 0, train.stderr[-2000:]
     assert (split / "checkpoints" / "dcgan" / "last.pt").exists()
     assert not (split / "results" / "metrics.csv").exists()        # trained, not evaluated
-    evaluate = run(split, args=["--script"], STAGE="evaluate", **same)
+    evaluate = run(split, SCRIPT_WITH_FAKE_INCEPTION, STAGE="evaluate", **same)
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     assert "not retraining" in evaluate.stdout
     assert metrics(split) == metrics(tmp_path / "whole")
