@@ -1,5 +1,4 @@
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -47,20 +46,19 @@ def fake_inception(nb, monkeypatch):
     install_fake_inception(nb, monkeypatch)
 
 
-def install_fake_inception(nb, monkeypatch):
-    def features(images, device):
-        return images.float().flatten(1)[:, :64].double().numpy() / 255, None
-    monkeypatch.setattr(nb, "inception_features", features)
-    monkeypatch.setattr(nb, "cached_features", lambda images, key, device, *cache: features(images, device))
-    monkeypatch.setattr(nb, "inception_net", lambda device: types.SimpleNamespace(pipeline="fake-64", source="fake"))
-
-
 class FakeInceptionNet:
-    """The stand-in as a network object (features = the first 64 pixel values), for a notebook run as a script."""
+    """The stand-in network: features = the first 64 pixel values, no logits."""
     pipeline, source = "fake-64", "fake"
 
     def __call__(self, images, batch_size=None):
         return images.float().flatten(1)[:, :64].double().numpy() / 255, None
+
+
+def install_fake_inception(nb, monkeypatch):
+    net = FakeInceptionNet()
+    monkeypatch.setattr(nb, "inception_features", lambda images, device: net(images))
+    monkeypatch.setattr(nb, "cached_features", lambda images, key, device, *cache: net(images))
+    monkeypatch.setattr(nb, "inception_net", lambda device: net)
 
 
 def fake_inception_in(namespace):

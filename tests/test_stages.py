@@ -55,16 +55,8 @@ def test_a_notebook_run_to_evaluate_without_a_checkpoint_stops_before_training(n
         nb.resume_point(model, tiny_data.train_x, S, "conv_vae", 2, None)
 
 
-class FakeNet:
-    pipeline = "fake"
-
-    def __call__(self, images):
-        return images.float().flatten(1)[:, :64].numpy(), None
-
-
 def test_the_plan_estimates_every_model_before_any_training(nb, settings, tiny_data, monkeypatch):
     install_fake_inception(nb, monkeypatch)
-    monkeypatch.setattr(nb, "inception_net", lambda device: FakeNet())
     S = settings(MODELS="dcgan,conv_vae,vqvae", FID_SAMPLES=16, GAN_EMA="0.9")
     plan = nb.plan_run(S, tiny_data, nb.selected_models(S), ("beta",))
     lines = {line["model"]: line for line in plan["lines"]}
@@ -81,7 +73,6 @@ def test_the_plan_estimates_every_model_before_any_training(nb, settings, tiny_d
 def test_the_plan_sums_what_the_evaluations_declare(nb, settings, tiny_data, monkeypatch):
     """One source: a new evaluation that sends images through Inception is in the plan by its declaration alone."""
     install_fake_inception(nb, monkeypatch)
-    monkeypatch.setattr(nb, "inception_net", lambda device: FakeNet())
     S = settings(MODELS="dcgan,conv_vae", FID_SAMPLES=16)
     before = {line["model"]: line["eval_images"] for line in nb.plan_run(S, tiny_data, nb.selected_models(S), ())["lines"]}
     extra = nb.EvaluationStep("encode", lambda ctx: ([], {}), images=lambda model, S, n_test: 7)
@@ -187,7 +178,7 @@ def test_train_without_jupyter_then_evaluate_gives_the_one_piece_numbers(lease):
 
 
 def test_a_model_that_does_not_fit_the_card_is_refused_by_the_plan_in_one_line(nb, settings, tiny_data, monkeypatch):
-    monkeypatch.setattr(nb, "inception_net", lambda device: FakeNet())
+    install_fake_inception(nb, monkeypatch)
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
